@@ -1,0 +1,55 @@
+# FaceMatch: `make demo` and `make test` are the two set-up commands.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export FACEMATCH_MODEL_ROOT ?= $(CURDIR)/.cache/models
+export FACEMATCH_CACHE_DIR ?= $(CURDIR)/.cache
+
+.PHONY: help install models photos lint test test-unit up down demo bench clean
+
+help:
+	@echo "make demo   - start the whole pipeline on an embedded broker, ingest real photos, match a selfie"
+	@echo "make test   - lint + every test against the real broker, emulator and models"
+	@echo "make up     - start broker + services in the background (bridge on :5000); make down stops them"
+	@echo "make bench  - benchmarks (JSON in bench/results/)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: $(STAMP)
+	$(VENV)/bin/facematch models fetch --model-root $(FACEMATCH_MODEL_ROOT)
+
+photos: $(STAMP)
+	$(VENV)/bin/facematch photos fetch --dir $(FACEMATCH_CACHE_DIR)/photos
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/mypy pipeline
+
+test: lint models
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+up: models
+	$(VENV)/bin/facematch stack up
+
+down:
+	@if [ -x $(VENV)/bin/facematch ]; then $(VENV)/bin/facematch stack down; fi
+
+demo: models photos
+	$(VENV)/bin/facematch demo
+
+bench: models
+	$(PY) bench/match_latency.py
+	$(PY) bench/embedder_throughput.py
+
+clean: down
+	rm -rf .run .state bench/results

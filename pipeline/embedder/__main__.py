@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.embedder.main import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""The embedder's pure core: photo events in, face records out.
+
+No Kafka here. Images are fetched concurrently (I/O bound), decoded, then all
+images of a batch go through the model in one call so a GPU stays busy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.embedder.model import FaceModel, ModelSpec
+from pipeline.errors import PoisonRecord
+from pipeline.records import Face, PhotoEvent, PhotoFaces, PrecomputedFace, check_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """The photo is gone: a null value under its faces key."""
+
+    event_id: str
+    photo_id: str
+
+
+FacesChange = PhotoFaces | Tombstone
+Result = FacesChange | BaseException
+Decoder = Callable[[bytes], "DecodedLike"]
+
+
+class DecodedLike:
+    """What the core needs of a decoded image (see pipeline.embedder.images)."""
+
+    bgr: np.ndarray
+    scale: float
+
+
+def normalize_embedding(values: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
+    """Validate (dimension, finite, non-zero) and L2-normalize one embedding."""
+    vector = np.asarray(values, dtype=np.float32).reshape(-1)
+    if vector.shape[0] != dim:
+        raise PoisonRecord("invalid_embedding",
+                           f"embedding has {vector.shape[0]} values; this pipeline's model expects {dim}")
+    if not np.all(np.isfinite(vector)):
+        raise PoisonRecord("invalid_embedding", "embedding contains NaN or infinite values")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise PoisonRecord("invalid_embedding", "embedding is all zeros (norm 0): cannot normalize")
+    return vector / norm
+
+
+def precomputed_faces(event: PhotoEvent, spec: ModelSpec) -> PhotoFaces:
+    """Faces embedded upstream: validated and normalized, nothing fetched."""
+    faces = [_precomputed_face(f, spec.dim) for f in event.faces or []]
+    return PhotoFaces(event_id=event.event_id, photo_id=event.photo_id, model_id=spec.model_id,
+                      dim=spec.dim, faces=faces, image_url=event.image_url,
+                      occurred_at=event.occurred_at)
+
+
+def _precomputed_face(face: PrecomputedFace, dim: int) -> Face:
+    bbox = tuple(face.bbox) if face.bbox else (0.0, 0.0, 0.0, 0.0)
+    if len(bbox) != 4:
+        raise PoisonRecord("invalid_bbox", f"bbox must be [x, y, width, height], got {len(bbox)} values")
+    return Face(bbox=bbox, det_score=float(face.det_score),
+                embedding=normalize_embedding(face.embedding, dim))
+
+
+class EmbedderCore:
+    """Turns a batch of photo events into face changes, one result per event."""
+
+    def __init__(self, spec: ModelSpec, model: FaceModel | None,
+                 fetch: Callable[[str], bytes] | None, decode: Decoder | None,
+                 fetch_workers: int = 8) -> None:
+        self.spec, self.model, self.fetch, self.decode = spec, model, fetch, decode
+        self._pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
+
+    def process(self, events: Sequence[PhotoEvent]) -> list[Result]:
+        """One result per event, in order; failures are returned, not raised."""
+        results: list[Result | None] = [None] * len(events)
+        to_embed: list[int] = []
+        for i, event in enumerate(events):
+            try:
+                results[i] = self._without_model(event)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            if results[i] is None:
+                to_embed.append(i)
+        if to_embed:
+            for i, result in zip(to_embed, self._embed_images([events[i] for i in to_embed])):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def _without_model(self, event: PhotoEvent) -> FacesChange | None:
+        check_id("event_id", event.event_id)
+        if event.op == "DELETE_EVENT":
+            return PhotoFaces(event_id=event.event_id, photo_id="", model_id=self.spec.model_id,
+                              dim=self.spec.dim, op="DELETE_EVENT", occurred_at=event.occurred_at)
+        check_id("photo_id", event.photo_id)
+        if event.op == "DELETE":
+            return Tombstone(event.event_id, event.photo_id)
+        if event.faces is not None:
+            return precomputed_faces(event, self.spec)
+        if not event.image_url:
+            raise PoisonRecord("no_image", "photo event has neither image_url nor precomputed faces")
+        if self.model is None or self.fetch is None or self.decode is None:
+            raise PoisonRecord("no_model", "image_url given but no face model is configured "
+                               "(FACEMATCH_MODEL=none accepts precomputed faces only)")
+        return None
+
+    def _embed_images(self, events: list[PhotoEvent]) -> list[Result]:
+        assert self.model is not None and self.fetch is not None and self.decode is not None
+        decoded: list[object] = list(self._pool.map(self._fetch_and_decode, events))
+        ok = [i for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
+        results: list[Result] = [d for d in decoded]  # type: ignore[misc]
+        if not ok:
+            return results
+        images = [decoded[i] for i in ok]
+        all_faces = self.model.detect_and_embed([img.bgr for img in images])  # type: ignore[attr-defined]
+        for i, image, faces in zip(ok, images, all_faces):
+            scale = float(image.scale)  # type: ignore[attr-defined]
+            results[i] = PhotoFaces(
+                event_id=events[i].event_id, photo_id=events[i].photo_id,
+                model_id=self.spec.model_id, dim=self.spec.dim, image_url=events[i].image_url,
+                occurred_at=events[i].occurred_at,
+                faces=[Face(bbox=tuple(v * scale for v in f.bbox), det_score=f.det_score,
+                            landmarks=None if f.landmarks is None else tuple(v * scale for v in f.landmarks),
+                            embedding=np.asarray(f.embedding, dtype=np.float32)) for f in faces])
+        return results
+
+    def _fetch_and_decode(self, event: PhotoEvent) -> object:
+        try:
+            assert self.fetch is not None and self.decode is not None and event.image_url
+            return self.decode(self.fetch(event.image_url))
+        except Exception as exc:  # PoisonRecord / TransientError flow to the runner
+            return exc

@@ -1,0 +1,1 @@
+"""Accuracy evaluation of face model packs (LFW verification)."""

@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.indexer.main import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""The indexer's pure core: apply face changes, answer match requests."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import PoisonRecord
+from pipeline.indexer.event_index import EventIndex
+from pipeline.indexer.state import PartitionState
+from pipeline.records import MatchReply, MatchRequest, PhotoFaces
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """What the core needs to know about the model and limits."""
+
+    dim: int
+    model_id: str
+    default_threshold: float
+    max_top_k: int = 1000
+
+
+class IndexerCore:
+    """Holds the PartitionStates this instance owns."""
+
+    def __init__(self, config: IndexerConfig) -> None:
+        self.config = config
+        self.partitions: dict[int, PartitionState] = {}
+
+    def apply_faces(self, partition: int, offset: int, event_id: str, photo_id: str | None,
+                    faces: PhotoFaces | None) -> None:
+        """Apply one faces-topic record (faces=None is a tombstone: delete the photo)."""
+        self._apply(self._state(partition), event_id, photo_id, faces)
+
+    def cover(self, partition: int, offset: int) -> None:
+        """Mark a faces offset as handled, applied or rejected (replay moves past it)."""
+        state = self._state(partition)
+        state.next_offset = offset + 1
+        state.last_applied = offset
+        state.dirty_records += 1
+
+    def _state(self, partition: int) -> PartitionState:
+        return self.partitions.setdefault(partition, PartitionState(partition))
+
+    def _apply(self, state: PartitionState, event_id: str, photo_id: str | None,
+               faces: PhotoFaces | None) -> None:
+        if faces is None:
+            index = state.events.get(event_id)
+            if photo_id and index is not None:
+                index.delete(photo_id)
+                if index.photos == 0:
+                    del state.events[event_id]
+            return
+        if faces.op == "DELETE_EVENT":
+            state.events.pop(event_id, None)
+            return
+        if faces.dim != self.config.dim:
+            raise PoisonRecord("dim_mismatch", f"faces of {faces.model_id} have dim {faces.dim}; "
+                               f"this indexer serves {self.config.model_id} ({self.config.dim}-d)")
+        index = state.events.get(event_id)
+        if index is None:
+            index = state.events[event_id] = EventIndex(self.config.dim, faces.model_id)
+        index.upsert(faces.photo_id, faces.faces)
+
+    def answer(self, partition: int, request: MatchRequest) -> MatchReply:
+        """Match one query against its event; errors become ERROR replies."""
+        started = time.perf_counter()
+        state = self.partitions.get(partition)
+        index = state.events.get(request.event_id) if state else None
+        offset = state.last_applied if state else -1
+        threshold = self.config.default_threshold if request.threshold is None else float(request.threshold)
+        base = {"request_id": request.request_id, "event_id": request.event_id,
+                "faces_offset": offset, "threshold": threshold}
+        problem = self._check(request)
+        if problem:
+            return MatchReply(status="ERROR", error=problem, **base)
+        if index is None or index.size == 0:
+            return MatchReply(status="NO_FACES", photos_indexed=index.photos if index else 0, **base)
+        query = np.asarray(request.embedding, dtype=np.float32)
+        query = query / np.linalg.norm(query)
+        matches = index.search(query, request.top_k, threshold)
+        return MatchReply(status="OK", matches=matches, index_size=index.size,
+                          photos_indexed=index.photos,
+                          search_ms=(time.perf_counter() - started) * 1000, **base)
+
+    def error_reply(self, request: MatchRequest, message: str) -> MatchReply:
+        """An ERROR reply that still carries the request's identity."""
+        return MatchReply(request_id=request.request_id, event_id=request.event_id,
+                          status="ERROR", error=message)
+
+    def _check(self, request: MatchRequest) -> str | None:
+        vector = np.asarray(request.embedding, dtype=np.float32)
+        if vector.shape[0] != self.config.dim:
+            return f"user_embedding has {vector.shape[0]} values; the model {self.config.model_id} uses {self.config.dim}"
+        if not np.all(np.isfinite(vector)) or float(np.linalg.norm(vector)) == 0.0:
+            return "user_embedding must be finite and not all zeros"
+        if not 1 <= request.top_k <= self.config.max_top_k:
+            return f"top_k must be between 1 and {self.config.max_top_k}"
+        if request.threshold is not None and not -1.0 <= request.threshold <= 1.0:
+            return "threshold must be between -1 and 1"
+        return None
+
+    def drop(self, partition: int) -> PartitionState | None:
+        """Forget a partition (revoked); returns its state for a last snapshot."""
+        return self.partitions.pop(partition, None)

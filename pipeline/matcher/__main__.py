@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.matcher.main import main
+
+sys.exit(main())

@@ -1,0 +1,145 @@
+"""Typed settings from the environment (prefix FACEMATCH_), built in main().
+
+Nothing here is read at import time: each service's main() calls the
+constructors, so tests can build settings with explicit values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the brokers (FACEMATCH_KAFKA_*, or KAFKA_BOOTSTRAP_SERVERS)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_KAFKA_", frozen=True, populate_by_name=True)
+
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("FACEMATCH_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"))
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 1000
+
+    def to_librdkafka(self) -> dict[str, Any]:
+        """Connection part of a confluent-kafka config."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers,
+                                "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username or ""
+            conf["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
+        return conf
+
+
+class TopicSettings(BaseSettings):
+    """Topic names and sizes (FACEMATCH_TOPIC_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_TOPIC_", frozen=True)
+
+    prefix: str = "facematch."
+    partitions: int = 12
+    replication_factor: int = 1
+    reply_partitions: int = 4
+    dlq_partitions: int = 3
+    request_retention_ms: int = 3_600_000
+
+    @property
+    def photo_events(self) -> str:
+        """Photo uploaded/changed/deleted, keyed and partitioned by event_id."""
+        return f"{self.prefix}photo-events"
+
+    @property
+    def faces(self) -> str:
+        """Compacted changelog of the indexes, co-partitioned with match requests."""
+        return f"{self.prefix}faces"
+
+    @property
+    def match_requests(self) -> str:
+        """Queries, partitioned by event_id like faces."""
+        return f"{self.prefix}match-requests"
+
+    @property
+    def match_replies(self) -> str:
+        """Answers; each bridge instance reads its own partition."""
+        return f"{self.prefix}match-replies"
+
+    @property
+    def dlq(self) -> str:
+        """Dead letters of every stage."""
+        return f"{self.prefix}dlq"
+
+
+class ModelSettings(BaseSettings):
+    """Which face model pack (FACEMATCH_MODEL, FACEMATCH_MODEL_ROOT...)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_", frozen=True)
+
+    model: str = "sface"  # sface | buffalo_l | none (precomputed embeddings only)
+    model_root: Path = Path(".cache/models")
+    embedding_dim: int = 512  # only used when model == "none"
+    det_threshold: float = 0.6
+
+
+class RunnerSettings(BaseSettings):
+    """The shared consume/process/produce loop (FACEMATCH_RUNNER_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_RUNNER_", frozen=True)
+
+    batch_size: int = 64
+    poll_timeout_s: float = 0.1
+    max_attempts: int = 4
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 5.0
+    fetch_wait_max_ms: int = 5
+    stats_interval_ms: int = 5000
+
+
+class EmbedderSettings(BaseSettings):
+    """The embedder service (FACEMATCH_EMBEDDER_*, fetch limits FACEMATCH_FETCH_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_", frozen=True)
+
+    embedder_group: str = "facematch-embedder"
+    embedder_batch_size: int = 16
+    embedder_max_side: int = 640
+    embedder_metrics_port: int = 0
+    fetch_allow_list: str = ""
+    fetch_connect_timeout_s: float = 3.0
+    fetch_read_timeout_s: float = 10.0
+    fetch_total_timeout_s: float = 20.0
+    fetch_max_bytes: int = 20 * 1024 * 1024
+    fetch_max_pixels: int = 40_000_000
+
+
+class IndexerSettings(BaseSettings):
+    """The indexer + match service (FACEMATCH_INDEXER_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_INDEXER_", frozen=True)
+
+    group: str = "facematch-indexer"
+    state_dir: Path = Path(".state/indexer")
+    snapshot_interval_s: float = 30.0
+    snapshot_min_records: int = 1
+    metrics_port: int = 0
+    max_top_k: int = 1000
+
+
+class BridgeSettings(BaseSettings):
+    """The HTTP bridge (FACEMATCH_HTTP_*, FACEMATCH_BRIDGE_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_", frozen=True)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 5000
+    bridge_reply_partition: int = 0
+    bridge_timeout_s: float = 5.0
+    bridge_max_image_bytes: int = 10 * 1024 * 1024
+    api_keys: str = ""  # "key:role:event,event;key2:admin:*" — empty disables auth

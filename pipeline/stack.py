@@ -1,0 +1,178 @@
+"""Run the whole pipeline locally: broker, topics, indexer, embedder, bridge.
+
+`facematch stack up` starts everything in the background on loopback and
+returns once the bridge's /health says ready; `facematch stack down` stops
+them by PID. Tests use the same helpers to spawn real service processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.devbroker import start_broker
+
+logger = logging.getLogger(__name__)
+
+RUN_DIR = Path(".run")
+SERVICES = [("indexer", "pipeline.indexer"), ("embedder", "pipeline.embedder"), ("bridge", "pipeline.matcher")]
+
+
+@dataclass
+class ServiceProcess:
+    """A service started as its own process (own session, so signals stay ours)."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM (graceful: finish batch, flush, commit, snapshot), then SIGKILL."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return int(self.process.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, as in a crash."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of its log, for failure messages."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def spawn(name: str, module: str, env: dict[str, str], log_dir: Path,
+          args: list[str] | None = None) -> ServiceProcess:
+    """Start `python -m module` with env, logging to log_dir/name.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, *(args or [])], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return ServiceProcess(name, proc, log_path)
+
+
+def get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
+    """GET a JSON document; (status, body), also for 4xx/5xx answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def wait_ready(base_url: str, timeout_s: float, watch: list[ServiceProcess] | None = None,
+               field: str = "ready") -> dict:
+    """Wait until /health says `field` is true; fail early if a watched process dies."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        for proc in watch or []:
+            if proc.process.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited ({proc.process.returncode}):\n{proc.log_tail()}")
+        try:
+            status, body = get_json(f"{base_url}/health")
+            last = body
+            if body.get(field):
+                return body
+        except OSError as exc:
+            last = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"{base_url}/health not ready after {timeout_s}s: {last}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def up(run_dir: Path, port: int, timeout_s: float) -> int:
+    """Start broker (unless KAFKA_BOOTSTRAP_SERVERS), topics, services; wait for /health."""
+    from pipeline.settings import KafkaSettings, TopicSettings
+    from pipeline.topics import create_topics
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("FACEMATCH_HTTP_PORT", str(port))
+    if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+        broker = start_broker(log_path=run_dir / "broker.log")
+        (run_dir / "broker.pid").write_text(str(broker.process.pid))
+        env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+        print(f"embedded broker at {broker.bootstrap} (pid {broker.process.pid})")
+    (run_dir / "bootstrap").write_text(env["KAFKA_BOOTSTRAP_SERVERS"])
+    kafka = KafkaSettings(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    create_topics(kafka, TopicSettings())
+    procs = []
+    for name, module in SERVICES:
+        proc = spawn(name, module, env, run_dir)
+        (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
+        procs.append(proc)
+        print(f"{name} started (pid {proc.process.pid}, log {proc.log_path})")
+    url = f"http://127.0.0.1:{env['FACEMATCH_HTTP_PORT']}"
+    health = wait_ready(url, timeout_s, procs)
+    print(f"ready: {url} (embedding_dim {health['embedding_dim']}, model {health['models']['model_id']})")
+    return 0
+
+
+def down(run_dir: Path) -> int:
+    """Stop everything `up` started, services first, broker last."""
+    names = [name for name, _ in SERVICES] + ["broker"]
+    for name in names:
+        pid_file = run_dir / f"{name}.pid"
+        if not pid_file.exists():
+            continue
+        pid = int(pid_file.read_text())
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not _pid_alive(pid):
+                    break
+                time.sleep(0.2)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        pid_file.unlink()
+        print(f"{name} stopped (pid {pid})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`facematch stack up|down`."""
+    parser = argparse.ArgumentParser(prog="facematch stack")
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("FACEMATCH_HTTP_PORT", "5000")))
+    parser.add_argument("--timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if args.action == "up":
+        try:
+            return up(args.run_dir, args.port, args.timeout)
+        except Exception:
+            down(args.run_dir)
+            raise
+    return down(args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Topic layout: creation, partitioning by event_id, co-partitioning checks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.settings import KafkaSettings, TopicSettings
+
+logger = logging.getLogger(__name__)
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's Utils.murmur2), as a signed 32-bit int."""
+    length = len(data)
+    seed, m, r = 0x9747B28C, 0x5BD1E995, 24
+    h = (seed ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = (h * m) & 0xFFFFFFFF
+        h ^= k
+    tail = length % 4
+    base = length - tail
+    if tail == 3:
+        h ^= data[base + 2] << 16
+    if tail >= 2:
+        h ^= data[base + 1] << 8
+    if tail >= 1:
+        h ^= data[base]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def partition_for(event_id: str, partitions: int) -> int:
+    """The partition every client (Java, kafka-python, librdkafka murmur2) picks."""
+    return (murmur2(event_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic to create."""
+
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(topics: TopicSettings) -> list[TopicSpec]:
+    """Every topic of the pipeline with its partitions and configs."""
+    short = {"cleanup.policy": "delete", "retention.ms": str(topics.request_retention_ms)}
+    return [
+        TopicSpec(topics.photo_events, topics.partitions, {"cleanup.policy": "delete"}),
+        # The faces topic is the indexes' changelog: compaction keeps the latest
+        # faces of each photo and tombstones erase photos, so replay rebuilds state.
+        TopicSpec(topics.faces, topics.partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(topics.match_requests, topics.partitions, short),
+        TopicSpec(topics.match_replies, topics.reply_partitions, short),
+        TopicSpec(topics.dlq, topics.dlq_partitions, {"cleanup.policy": "delete"}),
+    ]
+
+
+def create_topics(kafka: KafkaSettings, topics: TopicSettings, timeout_s: float = 30.0) -> dict[str, str]:
+    """Create every topic; existing ones are left alone (idempotent)."""
+    admin = AdminClient(kafka.to_librdkafka())
+    new = [NewTopic(s.name, s.partitions, topics.replication_factor, config=s.config)
+           for s in topic_specs(topics)]
+    outcome: dict[str, str] = {}
+    for name, future in admin.create_topics(new, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            outcome[name] = "created"
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+            outcome[name] = "exists"
+    check_copartitioned(admin, topics.faces, topics.match_requests)
+    return outcome
+
+
+def partition_count(admin: AdminClient, topic: str, timeout_s: float = 10.0) -> int:
+    """Partitions of a topic; raises if it does not exist."""
+    metadata = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        raise RuntimeError(f"topic {topic} does not exist: run `facematch topics create`")
+    return len(metadata.partitions)
+
+
+def check_copartitioned(admin: AdminClient, first: str, second: str) -> int:
+    """Fail fast unless both topics have the same partition count."""
+    left, right = partition_count(admin, first), partition_count(admin, second)
+    if left != right:
+        raise RuntimeError(
+            f"{first} has {left} partitions but {second} has {right}: they must be "
+            "co-partitioned (same count) so one indexer owns an event's faces and its queries")
+    return left
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`facematch topics create|list`."""
+    parser = argparse.ArgumentParser(prog="facematch topics")
+    parser.add_argument("action", choices=["create", "list"])
+    args = parser.parse_args(argv)
+    kafka, topics = KafkaSettings(), TopicSettings()
+    if args.action == "create":
+        for name, state in create_topics(kafka, topics).items():
+            print(f"{name}: {state}")
+    else:
+        admin = AdminClient(kafka.to_librdkafka())
+        for spec in topic_specs(topics):
+            try:
+                print(f"{spec.name}: {partition_count(admin, spec.name)} partitions")
+            except RuntimeError as exc:
+                print(f"{spec.name}: missing ({exc})")
+    return 0

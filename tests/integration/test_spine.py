@@ -1,0 +1,95 @@
+"""The spine end to end on the real broker: HTTP -> Kafka -> embedder -> indexer -> HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.integration.helpers import http, match, unit_vectors, wait_for, wait_index_size
+
+DIM = 512
+EVENTS = [f"EVT{i}" for i in range(5)]
+PHOTOS_PER_EVENT = 40
+
+
+def ingest_all(base: str, vectors: np.ndarray) -> dict[str, int]:
+    """200 photos across 5 events; photo k of every event shares face vector k (isolation bait)."""
+    faces_per_event: dict[str, int] = {}
+    for e, event in enumerate(EVENTS):
+        for k in range(PHOTOS_PER_EVENT):
+            own = vectors[100 + e * PHOTOS_PER_EVENT + k]
+            faces = [own.tolist()] + ([vectors[k].tolist()] if k % 2 == 0 else [])
+            status, body = http("POST", f"{base}/api/v2/ingest",
+                                {"event_id": event, "photo_id": f"{event}-p{k}", "faces": faces})
+            assert status == 202, body
+            faces_per_event[event] = faces_per_event.get(event, 0) + len(faces)
+    return faces_per_event
+
+
+def test_ingest_match_isolation_reingest_and_deletes(stack) -> None:
+    stack.indexer()
+    stack.embedder()
+    base = stack.bridge()
+    vectors = unit_vectors(100 + len(EVENTS) * PHOTOS_PER_EVENT, DIM, seed=11)
+    expected = ingest_all(base, vectors)
+    for event in EVENTS:
+        wait_index_size(base, event, vectors[0], expected[event])
+
+    # Every photo's own embedding finds that photo first, and only photos of its event.
+    for e, event in enumerate(EVENTS):
+        for k in range(PHOTOS_PER_EVENT):
+            status, body = match(base, event, vectors[100 + e * PHOTOS_PER_EVENT + k], threshold=-1)
+            assert status == 200, body
+            assert body["matches"][0]["photo_id"] == f"{event}-p{k}"
+            assert body["matches"][0]["score"] > 0.99
+            assert all(m["photo_id"].startswith(f"{event}-") for m in body["matches"])
+        status, body = match(base, event, vectors[0], threshold=0.5)  # the shared vector
+        assert [m["photo_id"] for m in body["matches"]] == [f"{event}-p0"]
+
+    # Re-ingesting the same photos changes nothing.
+    before = {event: match(base, event, vectors[2], threshold=-1)[1] for event in EVENTS}
+    ingest_all(base, vectors)
+    marker = {"event_id": EVENTS[0], "photo_id": "marker", "embedding": vectors[99].tolist()}
+    assert http("POST", f"{base}/api/v2/ingest", marker)[0] == 202
+    wait_index_size(base, EVENTS[0], vectors[0], expected[EVENTS[0]] + 1)  # everything before is applied
+    for event in EVENTS[1:]:
+        after = match(base, event, vectors[2], threshold=-1)[1]
+        assert after["index_size"] == before[event]["index_size"]
+        assert after["matches"] == before[event]["matches"]
+
+    # Delete a photo, then a whole event.
+    status, _ = http("DELETE", f"{base}/api/v2/events/{EVENTS[1]}/photos/{EVENTS[1]}-p0")
+    assert status == 202
+    wait_index_size(base, EVENTS[1], vectors[0], expected[EVENTS[1]] - 2)
+    assert match(base, EVENTS[1], vectors[0])[1]["matches"] == []
+    assert http("DELETE", f"{base}/api/v2/events/{EVENTS[2]}")[0] == 202
+
+    def event_gone() -> bool:
+        body = match(base, EVENTS[2], vectors[0])[1]
+        return body["event_has_faces"] is False and body["index_size"] == 0
+    wait_for(event_gone, 30, "event deletion")
+    assert match(base, EVENTS[3], vectors[0])[1]["matches"][0]["photo_id"] == f"{EVENTS[3]}-p0"
+
+
+def test_bad_bodies_get_clear_4xx(stack) -> None:
+    stack.indexer()
+    base = stack.bridge()
+    status, body = http("POST", f"{base}/api/v2/match", {"event_id": "E", "user_embedding": [0.1] * 3})
+    assert status == 422 and "user_embedding" in body["error"] and "512" in body["error"]
+    status, body = http("POST", f"{base}/api/v2/match", {"event_id": "E", "user_embedding": [0.1] * DIM,
+                                                         "top_k": 5000})
+    assert status == 422 and "top_k" in body["error"]
+    status, body = http("POST", f"{base}/api/v2/ingest", {"photo_id": "p", "embedding": [0.1] * DIM})
+    assert status == 422 and "event_id" in body["error"]
+    status, body = http("POST", f"{base}/api/v2/ingest", {"event_id": "a/b", "photo_id": "p", "image_url": "x"})
+    assert status == 422 and "event_id" in body["error"]
+    # An unknown event is not an error: no matches, and a flag saying it has no faces.
+    status, body = http("POST", f"{base}/api/v2/match", {"event_id": "nobody", "user_embedding": [0.1] * DIM})
+    assert status == 200 and body["matches"] == [] and body["event_has_faces"] is False
+    status, health = http("GET", f"{base}/health")
+    assert status == 200 and health["embedding_dim"] == DIM and health["broker"]["reachable"] is True
+
+
+def test_match_times_out_with_504_when_no_indexer(stack) -> None:
+    base = stack.bridge(wait_for="insightface_ready", FACEMATCH_BRIDGE_TIMEOUT_S="1.0")
+    status, body = http("POST", f"{base}/api/v2/match", {"event_id": "E", "user_embedding": [0.1] * DIM})
+    assert status == 504 and "no reply" in body["error"]
