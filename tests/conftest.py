@@ -18,10 +18,8 @@ from pipeline.topics import create_topics
 REPO = Path(__file__).resolve().parent.parent
 TEST_PARTITIONS = 6
 
-try:  # face fixtures live beside the model code's tests
-    from tests.faces_fixtures import *  # noqa: F401,F403
-except ImportError:  # pragma: no cover - only while that module is being written
-    pass
+from tests.faces_fixtures import *  # noqa: E402,F401,F403  (sample_photos, sface_model_root)
+from tests.firestore_fixtures import *  # noqa: E402,F401,F403  (firestore emulator)
 
 
 @pytest.fixture(scope="session")

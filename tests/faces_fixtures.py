@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import cv2
 import numpy as np
@@ -50,22 +52,28 @@ def downscale(image: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _unavailable(what: str, exc: Exception, fix: str) -> None:
+def _unavailable(what: str, exc: Exception, fix: str) -> NoReturn:
     message = f"{what} could not be fetched ({exc}). Needs PyPI/npm access once; run `{fix}`"
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(message)
     pytest.skip(f"{message} (or set {REQUIRE_ENV}=1 to fail instead of skipping)")
 
 
-# functools.cache: the fixtures may be registered twice (plugin + conftest import); fetch once.
-@functools.cache
-def _photos(directory: Path) -> dict[str, Path]:
-    return fetch_sample_photos(directory)
+# A registry that is down should cost one timeout, not one per test: remember the outcome.
+_FETCHED: dict[tuple[str, Path], dict[str, Path] | AssetUnavailable] = {}
 
 
-@functools.cache
-def _sface_files(root: Path) -> dict[str, Path]:
-    return fetch_sface_models(root)
+def _fetch_once(fetch: Callable[[Path], dict[str, Path]], directory: Path) -> dict[str, Path]:
+    key = (fetch.__name__, directory)
+    if key not in _FETCHED:
+        try:
+            _FETCHED[key] = fetch(directory)
+        except AssetUnavailable as exc:
+            _FETCHED[key] = exc
+    outcome = _FETCHED[key]
+    if isinstance(outcome, AssetUnavailable):
+        raise outcome
+    return outcome
 
 
 @functools.cache
@@ -79,17 +87,16 @@ def _sface(root: Path) -> SFaceModel:
 def sample_photos() -> dict[str, Path]:
     """obama*.jpg, biden.jpg, t1.jpg, sample1..6.jpg -> cached file paths."""
     try:
-        return _photos(photos_dir())
+        return _fetch_once(fetch_sample_photos, photos_dir())
     except AssetUnavailable as exc:
         _unavailable("sample photos", exc, f"facematch photos fetch --dir {photos_dir()}")
-        raise
 
 
 @pytest.fixture(scope="session")
 def sface_model_root() -> Path:
     """A model root holding the verified YuNet + SFace files."""
     try:
-        _sface_files(model_root())
+        _fetch_once(fetch_sface_models, model_root())
     except AssetUnavailable as exc:
         _unavailable("the SFace pack", exc, f"facematch models fetch --model-root {model_root()}")
     return model_root()

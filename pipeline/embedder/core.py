@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.embedder.model import FaceModel, ModelSpec
+from pipeline.embedder.images import DecodedImage, map_box_to_original, map_landmarks_to_original
+from pipeline.embedder.model import DetectedFace, FaceModel, ModelSpec
 from pipeline.errors import PoisonRecord
 from pipeline.records import Face, PhotoEvent, PhotoFaces, PrecomputedFace, check_id
 
@@ -30,14 +31,7 @@ class Tombstone:
 
 FacesChange = PhotoFaces | Tombstone
 Result = FacesChange | BaseException
-Decoder = Callable[[bytes], "DecodedLike"]
-
-
-class DecodedLike:
-    """What the core needs of a decoded image (see pipeline.embedder.images)."""
-
-    bgr: np.ndarray
-    scale: float
+Decoder = Callable[[bytes], DecodedImage]
 
 
 def normalize_embedding(values: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
@@ -114,28 +108,35 @@ class EmbedderCore:
         return None
 
     def _embed_images(self, events: list[PhotoEvent]) -> list[Result]:
-        assert self.model is not None and self.fetch is not None and self.decode is not None
-        decoded: list[object] = list(self._pool.map(self._fetch_and_decode, events))
-        ok = [i for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
-        results: list[Result] = [d for d in decoded]  # type: ignore[misc]
+        assert self.model is not None
+        decoded = list(self._pool.map(self._fetch_and_decode, events))
+        results: list[Result] = [d if isinstance(d, BaseException) else _PENDING for d in decoded]
+        ok = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
         if not ok:
             return results
         images = [decoded[i] for i in ok]
-        all_faces = self.model.detect_and_embed([img.bgr for img in images])  # type: ignore[attr-defined]
+        all_faces = self.model.detect_and_embed([img.bgr for img in images])  # type: ignore[union-attr]
         for i, image, faces in zip(ok, images, all_faces):
-            scale = float(image.scale)  # type: ignore[attr-defined]
+            event = events[i]
             results[i] = PhotoFaces(
-                event_id=events[i].event_id, photo_id=events[i].photo_id,
-                model_id=self.spec.model_id, dim=self.spec.dim, image_url=events[i].image_url,
-                occurred_at=events[i].occurred_at,
-                faces=[Face(bbox=tuple(v * scale for v in f.bbox), det_score=f.det_score,
-                            landmarks=None if f.landmarks is None else tuple(v * scale for v in f.landmarks),
-                            embedding=np.asarray(f.embedding, dtype=np.float32)) for f in faces])
+                event_id=event.event_id, photo_id=event.photo_id, model_id=self.spec.model_id,
+                dim=self.spec.dim, image_url=event.image_url, occurred_at=event.occurred_at,
+                faces=[_to_original(f, image.scale) for f in faces])  # type: ignore[union-attr]
         return results
 
-    def _fetch_and_decode(self, event: PhotoEvent) -> object:
+    def _fetch_and_decode(self, event: PhotoEvent) -> DecodedImage | BaseException:
+        assert self.fetch is not None and self.decode is not None and event.image_url
         try:
-            assert self.fetch is not None and self.decode is not None and event.image_url
             return self.decode(self.fetch(event.image_url))
         except Exception as exc:  # PoisonRecord / TransientError flow to the runner
             return exc
+
+
+_PENDING = RuntimeError("not embedded")
+
+
+def _to_original(face: DetectedFace, scale: float) -> Face:
+    """Boxes and landmarks back in the original photo's pixels (detection ran downscaled)."""
+    return Face(bbox=map_box_to_original(face.bbox, scale), det_score=float(face.det_score),
+                landmarks=map_landmarks_to_original(face.landmarks, scale),
+                embedding=np.asarray(face.embedding, dtype=np.float32))

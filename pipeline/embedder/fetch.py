@@ -180,7 +180,7 @@ def _resolve(host: str, port: int) -> tuple[IPAddress, ...]:
     literal = _ip_or_none(host)
     if literal is not None:
         return (literal,)
-    try:
+    try:  # no timeout here: the system resolver's own (resolv.conf) bounds it, outside total_timeout_s
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise TransientError("fetch_dns", f"cannot resolve host {host}: {exc.strerror or exc}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 
 from confluent_kafka.admin import AdminClient
@@ -16,8 +17,7 @@ from pipeline.metrics import Metrics, create_metrics, serve_metrics
 from pipeline.records import PhotoEvent, faces_key
 from pipeline.runner import BaseStage, Incoming, Outcome, Output, Runner
 from pipeline.serde import PHOTO_EVENT, PHOTO_FACES, SchemaRegistry
-from pipeline.settings import (EmbedderSettings, KafkaSettings, ModelSettings, RunnerSettings,
-                               TopicSettings)
+from pipeline.settings import EmbedderSettings, KafkaSettings, ModelSettings, RunnerSettings, TopicSettings
 from pipeline.topics import partition_count, partition_for
 
 logger = logging.getLogger(__name__)
@@ -71,12 +71,19 @@ def build_core(model_settings: ModelSettings, embedder: EmbedderSettings) -> Emb
     if model is not None:
         model.load()  # ModelUnavailable names the fix; better than dead-lettering every photo
         logger.info("model %s (%d-d) on %s", spec.model_id, spec.dim, model.provider)
-    fetcher = ImageFetcher(FetchPolicy(
+    fetch_policy = FetchPolicy(
         connect_timeout_s=embedder.fetch_connect_timeout_s, read_timeout_s=embedder.fetch_read_timeout_s,
         total_timeout_s=embedder.fetch_total_timeout_s, max_bytes=embedder.fetch_max_bytes,
-        allow_list=parse_allow_list(embedder.fetch_allow_list)))
+        allow_list=parse_allow_list(embedder.fetch_allow_list))
+    fetchers = threading.local()  # requests.Session is not thread-safe: one per fetch thread
+
+    def fetch(url: str) -> bytes:
+        if not hasattr(fetchers, "fetcher"):
+            fetchers.fetcher = ImageFetcher(fetch_policy)
+        return fetchers.fetcher.fetch(url)
+
     policy = DecodePolicy(max_pixels=embedder.fetch_max_pixels, max_side=embedder.embedder_max_side)
-    return EmbedderCore(spec, model, fetcher.fetch, lambda data: decode_image(data, policy))
+    return EmbedderCore(spec, model, fetch, lambda data: decode_image(data, policy))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -72,19 +72,18 @@ class IndexerCore:
         index = state.events.get(request.event_id) if state else None
         offset = state.last_applied if state else -1
         threshold = self.config.default_threshold if request.threshold is None else float(request.threshold)
-        base = {"request_id": request.request_id, "event_id": request.event_id,
-                "faces_offset": offset, "threshold": threshold}
+        reply = MatchReply(request_id=request.request_id, event_id=request.event_id, status="ERROR",
+                           faces_offset=offset, threshold=threshold)
         problem = self._check(request)
         if problem:
-            return MatchReply(status="ERROR", error=problem, **base)
+            return replace(reply, error=problem)
         if index is None or index.size == 0:
-            return MatchReply(status="NO_FACES", photos_indexed=index.photos if index else 0, **base)
+            return replace(reply, status="NO_FACES", photos_indexed=index.photos if index else 0)
         query = np.asarray(request.embedding, dtype=np.float32)
         query = query / np.linalg.norm(query)
         matches = index.search(query, request.top_k, threshold)
-        return MatchReply(status="OK", matches=matches, index_size=index.size,
-                          photos_indexed=index.photos,
-                          search_ms=(time.perf_counter() - started) * 1000, **base)
+        return replace(reply, status="OK", matches=matches, index_size=index.size, photos_indexed=index.photos,
+                       search_ms=(time.perf_counter() - started) * 1000)
 
     def error_reply(self, request: MatchRequest, message: str) -> MatchReply:
         """An ERROR reply that still carries the request's identity."""
@@ -94,7 +93,8 @@ class IndexerCore:
     def _check(self, request: MatchRequest) -> str | None:
         vector = np.asarray(request.embedding, dtype=np.float32)
         if vector.shape[0] != self.config.dim:
-            return f"user_embedding has {vector.shape[0]} values; the model {self.config.model_id} uses {self.config.dim}"
+            return (f"user_embedding has {vector.shape[0]} values; "
+                    f"the model {self.config.model_id} uses {self.config.dim}")
         if not np.all(np.isfinite(vector)) or float(np.linalg.norm(vector)) == 0.0:
             return "user_embedding must be finite and not all zeros"
         if not 1 <= request.top_k <= self.config.max_top_k:

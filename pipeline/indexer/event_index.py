@@ -21,7 +21,7 @@ class EventIndex:
 
     def __init__(self, dim: int, model_id: str) -> None:
         self.dim, self.model_id = dim, model_id
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))  # FAISS stubs reject numpy ids
         self.next_id = 0
         self.photo_faces: dict[str, list[int]] = {}
         self.face_photo: dict[int, str] = {}

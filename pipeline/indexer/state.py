@@ -59,7 +59,7 @@ def save_snapshot(state: PartitionState, path: Path) -> None:
     arrays["header"] = dumps_meta(header)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with tmp.open("wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

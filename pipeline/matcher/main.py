@@ -14,7 +14,8 @@ import numpy as np
 import uvicorn
 from confluent_kafka.admin import AdminClient
 
-from pipeline.embedder.model import FaceModel, ModelSpec
+from pipeline.embedder.images import map_box_to_original, map_landmarks_to_original
+from pipeline.embedder.model import DetectedFace, FaceModel, ModelSpec
 from pipeline.kafka import producer_config
 from pipeline.logs import setup_logging
 from pipeline.matcher.api import BridgeServices, create_app
@@ -136,12 +137,10 @@ def _selfie_reader(model: FaceModel, embedder: EmbedderSettings) -> Any:
     return faces_in_image
 
 
-def _scaled(face: Any, scale: float) -> Any:
-    from pipeline.embedder.model import DetectedFace
-
-    return DetectedFace(bbox=tuple(v * scale for v in face.bbox), det_score=face.det_score,  # type: ignore[arg-type]
-                        landmarks=None if face.landmarks is None else tuple(v * scale for v in face.landmarks),
-                        embedding=face.embedding)
+def _scaled(face: DetectedFace, scale: float) -> DetectedFace:
+    """The face in the uploaded image's pixels (detection ran on a downscaled copy)."""
+    return DetectedFace(bbox=map_box_to_original(face.bbox, scale), det_score=face.det_score,
+                        landmarks=map_landmarks_to_original(face.landmarks, scale), embedding=face.embedding)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,9 +45,15 @@ def _write(root: Path, name: str, index: int, image: np.ndarray) -> None:
     assert cv2.imwrite(str(path), image)
 
 
+def _imread(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, f"{path} does not decode"
+    return image
+
+
 def _face_crop(photo: Path, face: DetectedFace) -> np.ndarray:
     """A 250 px LFW-like crop around a face found at 640 px, cut from the full-size photo."""
-    image = cv2.imread(str(photo))
+    image = _imread(photo)
     scale = max(image.shape[:2]) / MAX_SIDE
     x, y, w, h = (v * scale for v in face.bbox)
     half = 1.25 * max(w, h)  # LFW's faces fill about 40% of the frame
@@ -58,14 +64,12 @@ def _face_crop(photo: Path, face: DetectedFace) -> np.ndarray:
 
 
 @pytest.fixture
-def tiny_lfw(
-    tmp_path: Path, sample_photos: dict[str, Path], sample_faces: dict[str, list[DetectedFace]]
-) -> Path:
+def tiny_lfw(tmp_path: Path, sample_photos: dict[str, Path], sample_faces: dict[str, list[DetectedFace]]) -> Path:
     root = tmp_path / "lfw"
     for i, photo in enumerate(("obama.jpg", "obama2.jpg", "obama3.jpg"), start=1):
         (root / "Barack_Obama").mkdir(parents=True, exist_ok=True)
         shutil.copy(sample_photos[photo], root / lfw_image("Barack_Obama", i))
-    biden = cv2.imread(str(sample_photos["biden.jpg"]))
+    biden = _imread(sample_photos["biden.jpg"])
     _write(root, "Joe_Biden", 1, biden)
     _write(root, "Joe_Biden", 2, cv2.flip(biden, 1))
     for guest, photo in GUESTS.items():
@@ -83,8 +87,20 @@ def test_lfw_eval_reports_accuracy_and_faceless_images(
     tiny_lfw: Path, sface_model_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "report" / "lfw.json"
-    code = lfw_main(["--dir", str(tiny_lfw), "--model", "sface", "--model-root", str(sface_model_root),
-                     "--json", str(out), "--batch", "5"])
+    code = lfw_main(
+        [
+            "--dir",
+            str(tiny_lfw),
+            "--model",
+            "sface",
+            "--model-root",
+            str(sface_model_root),
+            "--json",
+            str(out),
+            "--batch",
+            "5",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "accuracy  0.9375 ± 0.0625" in printed
@@ -99,8 +115,9 @@ def test_lfw_eval_reports_accuracy_and_faceless_images(
     assert all(0.3 < t < 0.8 for t in report["fold_thresholds"])
 
 
-def test_lfw_eval_refuses_missing_images_and_missing_models(tiny_lfw: Path, tmp_path: Path,
-                                                             sface_model_root: Path) -> None:
+def test_lfw_eval_refuses_missing_images_and_missing_models(
+    tiny_lfw: Path, tmp_path: Path, sface_model_root: Path
+) -> None:
     (tiny_lfw / lfw_image("Guest_A", 2)).unlink()
     assert lfw_main(["--dir", str(tiny_lfw), "--model-root", str(sface_model_root)]) == 2
     assert lfw_main(["--dir", str(tiny_lfw), "--model-root", str(tmp_path / "empty")]) == 2

@@ -34,12 +34,12 @@ OBAMA = ("obama.jpg", "obama2.jpg", "obama3.jpg")
 
 @pytest.mark.parametrize(("photo", "expected"), sorted(EXPECTED_FACES.items()))
 def test_finds_every_face_and_nothing_else(
-    photo: str, expected: int, sample_faces: dict[str, list[DetectedFace]]
+    photo: str, expected: int, sample_faces: dict[str, list[DetectedFace]], sface_model: SFaceModel
 ) -> None:
     faces = sample_faces[photo]
     assert len(faces) == expected
     for face in faces:
-        assert face.det_score >= SFaceModel(Path(".")).det_threshold
+        assert face.det_score >= sface_model.det_threshold
         assert face.landmarks is not None and len(face.landmarks) == 10
         assert face.embedding.dtype == np.float32 and face.embedding.shape == (SFACE_SPEC.dim,)
         assert np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
@@ -54,7 +54,8 @@ def _identity(photo: str, index: int, count: int) -> str:
 
 def _pair_scores(faces: dict[str, list[DetectedFace]]) -> tuple[np.ndarray, np.ndarray]:
     labelled = [(_identity(p, i, len(fs)), f.embedding) for p, fs in faces.items() for i, f in enumerate(fs)]
-    genuine, impostor = [], []
+    genuine: list[float] = []
+    impostor: list[float] = []
     for (id_a, emb_a), (id_b, emb_b) in itertools.combinations(labelled, 2):
         (genuine if id_a == id_b else impostor).append(float(emb_a @ emb_b))
     return np.array(genuine), np.array(impostor)

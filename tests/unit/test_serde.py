@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PoisonRecord
-from pipeline.records import PhotoEvent, PhotoFaces, Face, PrecomputedFace
+from pipeline.records import Face, PhotoEvent, PhotoFaces, PrecomputedFace
 from pipeline.serde import MARKER, PHOTO_EVENT, PHOTO_FACES, SCHEMA_DIR, SchemaRegistry
 
 
@@ -40,8 +40,9 @@ def test_faces_round_trip_keeps_float32_embedding(serde: SchemaRegistry) -> None
 def test_fingerprint_matches_the_spec_example() -> None:
     # CRC-64-AVRO of "int" is the long 0x7275d51a3f395c8f; on the wire it is little-endian
     # (as written on the wire, little-endian).
-    from pipeline.serde import schema_fingerprint
     import fastavro
+
+    from pipeline.serde import schema_fingerprint
 
     assert schema_fingerprint(fastavro.parse_schema("int")).hex() == "8f5c393f1ad57572"
 

@@ -1,0 +1,1 @@
+"""Contract tests: our wrappers against stand-in models with the real signatures."""
