@@ -153,3 +153,37 @@ def _photo_id(serde: SchemaRegistry, value: bytes) -> str:
     from pipeline.serde import PHOTO_EVENT
 
     return str(serde.decode(PHOTO_EVENT, value)["photo_id"])
+
+
+def test_two_embedders_split_the_work(face_stack, sample_photos: dict[str, Path]) -> None:
+    from pipeline.devbroker import free_port
+    from pipeline.topics import partition_for
+
+    face_stack.indexer()
+    ports = [free_port(), free_port()]
+    embedders = [face_stack.embedder(f"embedder-{i}", FACEMATCH_EMBEDDER_METRICS_PORT=str(port))
+                 for i, port in enumerate(ports)]
+    base = face_stack.bridge()
+    wait_for(lambda: all("assigned" in e.log_path.read_text() for e in embedders), 60, "both embedders assigned")
+    events = [f"PARTY{i}" for i in range(8)]
+    partitions = {partition_for(e, face_stack.topics.partitions) for e in events}
+    assert partitions & {0, 1, 2} and partitions & {3, 4, 5}  # both halves of the range assignment
+    with serve({"/obama.jpg": sample_photos["obama.jpg"].read_bytes()}) as site:
+        for event in events:
+            ingest_urls(base, event, {"p": site.url("/obama.jpg")})
+
+        def all_indexed() -> bool:
+            return all(http("POST", f"{base}/api/v2/match", {"event_id": e, "user_embedding": [0.1] * 128})[1]
+                       .get("index_size") == 1 for e in events)
+        wait_for(all_indexed, 120, "every event's photo indexed")
+
+    def processed(port: int) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == "facematch_records_total" and sample.labels == {"stage": "embedder",
+                                                                                      "outcome": "ok"})
+    counts = [processed(port) for port in ports]
+    assert all(c > 0 for c in counts) and sum(counts) == len(events), counts

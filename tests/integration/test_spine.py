@@ -93,3 +93,18 @@ def test_match_times_out_with_504_when_no_indexer(stack) -> None:
     base = stack.bridge(wait_for="insightface_ready", FACEMATCH_BRIDGE_TIMEOUT_S="1.0")
     status, body = http("POST", f"{base}/api/v2/match", {"event_id": "E", "user_embedding": [0.1] * DIM})
     assert status == 504 and "no reply" in body["error"]
+
+
+def test_api_keys_are_scoped_by_role_and_event(stack) -> None:
+    stack.indexer()
+    base = stack.bridge(FACEMATCH_API_KEYS="ing-key:ingest:E1;match-key:match:*")
+    body = {"event_id": "E1", "photo_id": "p", "embedding": [0.1] * DIM}
+    assert http("POST", f"{base}/api/v2/ingest", body)[0] == 401
+    assert http("POST", f"{base}/api/v2/ingest", body, headers={"X-API-Key": "match-key"})[0] == 403
+    assert http("POST", f"{base}/api/v2/ingest", {**body, "event_id": "E2"},
+                headers={"X-API-Key": "ing-key"})[0] == 403
+    assert http("POST", f"{base}/api/v2/ingest", body, headers={"Authorization": "Bearer ing-key"})[0] == 202
+    query = {"event_id": "E1", "user_embedding": [0.1] * DIM}
+    assert http("POST", f"{base}/api/v2/match", query, headers={"X-API-Key": "ing-key"})[0] == 403
+    assert http("POST", f"{base}/api/v2/match", query, headers={"X-API-Key": "match-key"})[0] == 200
+    assert http("GET", f"{base}/health")[0] == 200  # health stays open for probes
