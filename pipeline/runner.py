@@ -202,9 +202,9 @@ class Runner:
         batch = [_incoming(m) for m in messages]
         outcomes = self._safe_handle(batch)
         for item, outcome in zip(batch, outcomes):
-            outcome = self._retry_transient(item, outcome)
+            outcome, attempts = self._retry_transient(item, outcome)
             if isinstance(outcome, BaseException):
-                self._dead_letter(item, outcome)
+                self._dead_letter(item, outcome, attempts)
             else:
                 for out in outcome:
                     self._produce(out)
@@ -225,7 +225,8 @@ class Runner:
             raise RuntimeError(f"{self.stage.name} returned {len(outcomes)} outcomes for {len(batch)} records")
         return outcomes
 
-    def _retry_transient(self, item: Incoming, outcome: Outcome) -> Outcome:
+    def _retry_transient(self, item: Incoming, outcome: Outcome) -> tuple[Outcome, int]:
+        """Retry while transient, with backoff; returns the last outcome and the attempts made."""
         attempt, delay = 1, self.settings.backoff_initial_s
         while isinstance(outcome, TransientError) and attempt < self.settings.max_attempts:
             self.metrics.retries.labels(self.stage.name, outcome.reason).inc()
@@ -236,11 +237,9 @@ class Runner:
             delay = min(delay * 2, self.settings.backoff_max_s)
             attempt += 1
             outcome = self._safe_handle([item])[0]
-        if isinstance(outcome, BaseException):
-            outcome.__dict__.setdefault("attempts", attempt)
-        return outcome
+        return outcome, attempt
 
-    def _dead_letter(self, item: Incoming, error: BaseException) -> None:
+    def _dead_letter(self, item: Incoming, error: BaseException, attempts: int) -> None:
         reason = getattr(error, "reason", None) or "unexpected_error"
         if not isinstance(error, (PoisonRecord, TransientError)):
             logger.error("%s: unexpected %r at %s[%d]@%d", self.stage.name, error,
@@ -248,7 +247,6 @@ class Runner:
         else:
             logger.warning("%s: dead-letter %s at %s[%d]@%d: %s", self.stage.name, reason,
                            item.topic, item.partition, item.offset, error)
-        attempts = int(error.__dict__.get("attempts", 1))
         self._produce(dead_letter_output(self.serde, self.dlq_topic, self.stage.name, item,
                                          reason, error, attempts))
         self.metrics.dead_letters.labels(self.stage.name, reason).inc()

@@ -86,9 +86,10 @@ class EmbedderCore:
             if results[i] is None:
                 to_embed.append(i)
         if to_embed:
-            for i, result in zip(to_embed, self._embed_images([events[i] for i in to_embed])):
+            for i, result in zip(to_embed, self._embed_images([events[i] for i in to_embed]), strict=True):
                 results[i] = result
-        return [r for r in results if r is not None]
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
     def _without_model(self, event: PhotoEvent) -> FacesChange | None:
         check_id("event_id", event.event_id)
@@ -116,7 +117,7 @@ class EmbedderCore:
             return results
         images = [decoded[i] for i in ok]
         all_faces = self.model.detect_and_embed([img.bgr for img in images])  # type: ignore[union-attr]
-        for i, image, faces in zip(ok, images, all_faces):
+        for i, image, faces in zip(ok, images, all_faces, strict=True):
             event = events[i]
             results[i] = PhotoFaces(
                 event_id=event.event_id, photo_id=event.photo_id, model_id=self.spec.model_id,
@@ -132,7 +133,7 @@ class EmbedderCore:
             return exc
 
 
-_PENDING = RuntimeError("not embedded")
+_PENDING = RuntimeError("not embedded")  # placeholder; every decoded slot is overwritten below
 
 
 def _to_original(face: DetectedFace, scale: float) -> Face:

@@ -43,9 +43,10 @@ class EmbedderStage(BaseStage):
                 positions.append(i)
             except PoisonRecord as exc:
                 outcomes[i] = exc
-        for i, result in zip(positions, self.core.process(events)):
+        for i, result in zip(positions, self.core.process(events), strict=True):
             outcomes[i] = result if isinstance(result, BaseException) else [self._output(result)]
-        return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
 
     def _output(self, change: object) -> Output:
         # The key names the photo (compaction), the partition comes from

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -166,8 +167,6 @@ async def _faces(services: BridgeServices, image: UploadFile) -> list[DetectedFa
     data = await image.read(services.settings.bridge_max_image_bytes + 1)
     if len(data) > services.settings.bridge_max_image_bytes:
         raise ApiError(413, f"image larger than {services.settings.bridge_max_image_bytes} bytes")
-    import asyncio
-
     try:  # the selfie stays in memory: never written to disk or Kafka
         return await asyncio.get_running_loop().run_in_executor(None, services.faces_in_image, data)
     except PoisonRecord as exc:

@@ -140,13 +140,16 @@ def test_bad_images_are_dead_lettered_with_reasons(face_stack, sample_photos: di
         wait_for(ok_indexed, 90, "the good photo after the bad ones")
     letters = read_topic(face_stack.bootstrap, face_stack.topics.dlq, 1, expect=len(bad))
     serde = SchemaRegistry.load()
-    got = {}
+    got, attempts = {}, {}
     for msg in letters:
         envelope = serde.decode(DEAD_LETTER, msg.value())
         photo_id = envelope["value"] and _photo_id(serde, envelope["value"])
         got[photo_id] = dict(msg.headers())["dlq.reason"].decode()
+        attempts[photo_id] = int(dict(msg.headers())["dlq.attempts"])
         assert envelope["error_message"]
     assert got == {k: reason for k, (_, reason) in bad.items()}
+    # Timeouts are transient: retried (FACEMATCH_RUNNER_MAX_ATTEMPTS=2) before the DLQ; poison is not.
+    assert attempts == {k: 2 if k == "slow" else 1 for k in bad}
 
 
 def _photo_id(serde: SchemaRegistry, value: bytes) -> str:
