@@ -15,6 +15,7 @@ from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.formparsers import MultiPartParser
 
 from pipeline.embedder.model import DetectedFace, ModelSpec
 from pipeline.errors import PoisonRecord
@@ -66,7 +67,11 @@ def create_app(services: BridgeServices) -> FastAPI:
     app = FastAPI(title="FaceMatch bridge", version="2.0",
                   description="Find a guest's photos: ingest photos, match a face, analyze a selfie.")
     _install_error_handlers(app, services)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=services.settings.bridge_max_image_bytes + 256 * 1024)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+    # Uploaded selfies must never touch the disk: Starlette spools multipart files to a temp
+    # file above this size, so keep the whole (already capped) upload in memory.
+    MultiPartParser.spool_max_size = services.settings.bridge_max_image_bytes + 256 * 1024
     spec, topics = services.spec, services.topics
 
     def authorize(x_api_key: str | None, authorization: str | None, role: str, event_id: str | None) -> None:
@@ -210,6 +215,34 @@ def _install_error_handlers(app: FastAPI, services: BridgeServices) -> None:
                     for e in exc.errors()]
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:10]]
         return JSONResponse({"error": "; ".join(problems), "detail": detail}, status_code=422)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the cap, before anything buffers them (declared or streamed)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = JSONResponse({"error": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError(413, f"request body larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)
 
 
 class MetricsMiddleware:

@@ -190,3 +190,11 @@ def test_two_embedders_split_the_work(face_stack, sample_photos: dict[str, Path]
                                                                                       "outcome": "ok"})
     counts = [processed(port) for port in ports]
     assert all(c > 0 for c in counts) and sum(counts) == len(events), counts
+
+
+
+def test_huge_uploads_are_refused_before_buffering(face_stack) -> None:
+    face_stack.indexer()
+    base = face_stack.bridge(FACEMATCH_BRIDGE_MAX_IMAGE_BYTES=str(2 * 1024 * 1024))
+    status, body = post_image(f"{base}/api/face/analyze", b"\xff" * (3 * 1024 * 1024))
+    assert status == 413 and "larger than" in body["error"]
