@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     settings, model = IndexerSettings(), ModelSettings()
     faiss.omp_set_num_threads(1)  # single queries are 15x slower with 2 OpenMP threads
     spec = spec_for(model.model, model.embedding_dim)
-    partitions = check_copartitioned(AdminClient(kafka.to_librdkafka()), topics.faces, topics.match_requests)
+    try:
+        partitions = check_copartitioned(AdminClient(kafka.to_librdkafka()), topics.faces, topics.match_requests)
+    except RuntimeError as exc:  # a wrong layout would answer queries from the wrong state
+        logger.error("indexer cannot start: %s", exc)
+        return 2
     metrics = create_metrics()
     serve_metrics(metrics, settings.metrics_port)
     serde = SchemaRegistry.load()
