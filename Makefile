@@ -12,6 +12,7 @@ help:
 	@echo "make demo   - start the whole pipeline on an embedded broker, ingest real photos, match a selfie"
 	@echo "make test   - lint + every test against the real broker, emulator and models"
 	@echo "make up     - start broker + services in the background (bridge on :5000); make down stops them"
+	@echo "              make up DURABLE_DIR=.state/broker keeps the embedded broker's data across restarts"
 	@echo "make bench  - benchmarks (JSON in bench/results/)"
 
 $(STAMP): pyproject.toml
@@ -39,7 +40,7 @@ test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 up: models
-	$(VENV)/bin/facematch stack up
+	$(VENV)/bin/facematch stack up $(if $(DURABLE_DIR),--durable-dir $(DURABLE_DIR))
 
 down:
 	@if [ -x $(VENV)/bin/facematch ]; then $(VENV)/bin/facematch stack down; fi

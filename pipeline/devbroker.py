@@ -20,8 +20,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,17 @@ class EmbeddedBroker:
     bootstrap: str
     process: subprocess.Popen[bytes]
     s3_process: subprocess.Popen[bytes] | None = None
+    launch: Callable[[], subprocess.Popen[bytes]] | None = None
+
+    def restart(self, hard: bool = True) -> None:
+        """Kill (SIGKILL if hard) and start the broker again on the same port and storage."""
+        if self.launch is None:
+            raise RuntimeError("broker was not started by start_broker()")
+        if self.process.poll() is None:
+            self.process.kill() if hard else self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = self.launch()
+        wait_for_metadata(self.bootstrap)
 
     def stop(self) -> None:
         """Stop the broker (and S3 server) by PID."""
@@ -114,7 +127,7 @@ class EmbeddedBroker:
                 proc.wait(timeout=5)
 
 
-def _start_seaweed(data_dir: Path, log) -> subprocess.Popen[bytes]:
+def _start_seaweed(data_dir: Path, log: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start SeaweedFS 'weed mini' as Tansu's S3 storage (durable mode)."""
     tool_dir = default_cache_dir() / "seaweedfs-venv"
     weed = tool_dir / "bin" / "weed"
@@ -124,11 +137,38 @@ def _start_seaweed(data_dir: Path, log) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [str(weed), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-bucket=tansu", "-admin.ui=false"]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: a test run killed with SIGKILL must not leave brokers behind.
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait_for_s3(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """Wait until SeaweedFS's S3 endpoint answers (it creates Tansu's bucket at start)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed mini exited with {process.returncode}")
+        try:
+            urllib.request.urlopen("http://127.0.0.1:8333/tansu", timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means the S3 gateway is serving
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError("SeaweedFS S3 endpoint not ready")
 
 
 def start_broker(port: int | None = None, durable_dir: Path | None = None,
-                 log_path: Path | None = None) -> EmbeddedBroker:
+                 log_path: Path | None = None, outlive_parent: bool = False) -> EmbeddedBroker:
     """Start Tansu on loopback (memory storage, or S3 on SeaweedFS if durable_dir)."""
     binary = ensure_tansu()
     port = port or free_port()
@@ -138,17 +178,21 @@ def start_broker(port: int | None = None, durable_dir: Path | None = None,
     s3 = None
     storage = "memory://tansu/"
     if durable_dir is not None:
-        s3 = _start_seaweed(durable_dir, log)
-        storage = "s3://tansu/"
         env.update(AWS_ENDPOINT="http://127.0.0.1:8333", AWS_ALLOW_HTTP="true",
                    AWS_ACCESS_KEY_ID="facematch", AWS_SECRET_ACCESS_KEY="facematch",
                    AWS_DEFAULT_REGION="us-east-1")
-        time.sleep(3)  # weed mini creates its bucket on start; Tansu needs it at boot
+        s3 = _start_seaweed(durable_dir, log, env)
+        storage = "s3://tansu/"
+        _wait_for_s3(s3)
     cmd = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
            "--storage-engine", storage]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    broker = EmbeddedBroker(bootstrap=f"127.0.0.1:{port}", process=proc, s3_process=s3)
+    tie = None if outlive_parent or not sys.platform.startswith("linux") else _die_with_parent
+
+    def launch() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=tie)
+
+    broker = EmbeddedBroker(bootstrap=f"127.0.0.1:{port}", process=launch(), s3_process=s3, launch=launch)
     try:
         wait_for_metadata(broker.bootstrap)
     except Exception:

@@ -107,7 +107,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def up(run_dir: Path, port: int, timeout_s: float) -> int:
+def up(run_dir: Path, port: int, timeout_s: float, durable_dir: Path | None = None) -> int:
     """Start broker (unless KAFKA_BOOTSTRAP_SERVERS), topics, services; wait for /health."""
     from pipeline.settings import KafkaSettings, TopicSettings
     from pipeline.topics import create_topics
@@ -116,8 +116,10 @@ def up(run_dir: Path, port: int, timeout_s: float) -> int:
     env = dict(os.environ)
     env.setdefault("FACEMATCH_HTTP_PORT", str(port))
     if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
-        broker = start_broker(log_path=run_dir / "broker.log")
+        broker = start_broker(log_path=run_dir / "broker.log", outlive_parent=True, durable_dir=durable_dir)
         (run_dir / "broker.pid").write_text(str(broker.process.pid))
+        if broker.s3_process is not None:
+            (run_dir / "s3.pid").write_text(str(broker.s3_process.pid))
         env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
         print(f"embedded broker at {broker.bootstrap} (pid {broker.process.pid})")
     (run_dir / "bootstrap").write_text(env["KAFKA_BOOTSTRAP_SERVERS"])
@@ -137,7 +139,7 @@ def up(run_dir: Path, port: int, timeout_s: float) -> int:
 
 def down(run_dir: Path) -> int:
     """Stop everything `up` started, services first, broker last."""
-    names = [name for name, _ in SERVICES] + ["broker"]
+    names = [name for name, _ in SERVICES] + ["broker", "s3"]
     for name in names:
         pid_file = run_dir / f"{name}.pid"
         if not pid_file.exists():
@@ -163,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
     parser.add_argument("--port", type=int, default=int(os.environ.get("FACEMATCH_HTTP_PORT", "5000")))
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--durable-dir", type=Path, default=None,
+                        help="embedded broker keeps its data in SeaweedFS S3 under this folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.action == "up":
         try:
-            return up(args.run_dir, args.port, args.timeout)
+            return up(args.run_dir, args.port, args.timeout, args.durable_dir)
         except Exception:
             down(args.run_dir)
             raise
