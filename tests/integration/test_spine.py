@@ -87,6 +87,10 @@ def test_bad_bodies_get_clear_4xx(stack) -> None:
     assert status == 200 and body["matches"] == [] and body["event_has_faces"] is False
     status, health = http("GET", f"{base}/health")
     assert status == 200 and health["embedding_dim"] == DIM and health["broker"]["reachable"] is True
+    assert health["partitions_owned"] == health["partitions"] == stack.topics.partitions
+    status, openapi = http("GET", f"{base}/openapi.json")
+    assert status == 200 and {"/api/v2/ingest", "/api/v2/match", "/api/v2/match/image", "/api/face/analyze",
+                              "/health"} <= set(openapi["paths"])
 
 
 def test_match_times_out_with_504_when_no_indexer(stack) -> None:
