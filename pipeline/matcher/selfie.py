@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.embedder.faces import most_prominent
 from pipeline.embedder.model import DetectedFace, ModelSpec
 
 
 class SelfieError(ValueError):
     """The selfie shows no face, or more than one."""
-
-
-def _area(face: DetectedFace) -> float:
-    return float(face.bbox[2] * face.bbox[3])
-
-
-def most_prominent(faces: list[DetectedFace]) -> DetectedFace | None:
-    """The largest face (ties broken by detector score): the subject of a photo."""
-    return max(faces, key=lambda f: (_area(f), f.det_score), default=None)
 
 
 def pick_single_face(faces: list[DetectedFace]) -> DetectedFace:
