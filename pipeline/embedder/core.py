@@ -7,6 +7,7 @@ images of a batch go through the model in one call so a GPU stays busy.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class EmbedderCore:
                  fetch_workers: int = 8) -> None:
         self.spec, self.model, self.fetch, self.decode = spec, model, fetch, decode
         self._pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
+        self.last_fetch_s = self.last_model_s = 0.0  # timings of the latest batch, for metrics
 
     def process(self, events: Sequence[PhotoEvent]) -> list[Result]:
         """One result per event, in order; failures are returned, not raised."""
@@ -110,13 +112,17 @@ class EmbedderCore:
 
     def _embed_images(self, events: list[PhotoEvent]) -> list[Result]:
         assert self.model is not None
+        started = time.perf_counter()
         decoded = list(self._pool.map(self._fetch_and_decode, events))
+        self.last_fetch_s = time.perf_counter() - started
         results: list[Result] = [d if isinstance(d, BaseException) else _PENDING for d in decoded]
         ok = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
         if not ok:
             return results
         images = [decoded[i] for i in ok]
+        started = time.perf_counter()
         all_faces = self.model.detect_and_embed([img.bgr for img in images])  # type: ignore[union-attr]
+        self.last_model_s = time.perf_counter() - started
         for i, image, faces in zip(ok, images, all_faces, strict=True):
             event = events[i]
             results[i] = PhotoFaces(

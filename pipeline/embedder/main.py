@@ -43,7 +43,14 @@ class EmbedderStage(BaseStage):
                 positions.append(i)
             except PoisonRecord as exc:
                 outcomes[i] = exc
-        for i, result in zip(positions, self.core.process(events), strict=True):
+        self.core.last_fetch_s = self.core.last_model_s = 0.0
+        results = self.core.process(events)
+        if self.core.last_model_s:
+            self.metrics.fetch_seconds.observe(self.core.last_fetch_s)
+            self.metrics.embed_seconds.observe(self.core.last_model_s)
+            logger.debug("batch of %d: fetch+decode %.0f ms, model %.0f ms", len(events),
+                         self.core.last_fetch_s * 1000, self.core.last_model_s * 1000)
+        for i, result in zip(positions, results, strict=True):
             outcomes[i] = result if isinstance(result, BaseException) else [self._output(result)]
         assert all(o is not None for o in outcomes)
         return outcomes  # type: ignore[return-value]
