@@ -7,6 +7,11 @@ starts with the full current snapshot: photos the ledger already holds with
 the same fingerprint are skipped, and ledger photos missing from it were
 deleted meanwhile, so their DELETE is published then.
 
+A watchdog in the main loop re-subscribes, with backoff, whenever the SDK
+closed the stream or it stalled (snapshot_feed.py). A listener that has had no
+working stream for --give-up-after seconds exits with status 3, so that its
+supervisor restarts it instead of it waiting silently forever.
+
 At-least-once window: a SIGKILL between the acks of a step and the ledger's
 fsync republishes that step, at most --max-batch photos. Nothing is lost:
 whatever was queued but not checkpointed comes back in the next start's
@@ -23,14 +28,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from pipeline.logs import setup_logging
 from pipeline.producers.common import Context, add_common_args, build_context, latency_line, on_stop_signals
 from pipeline.producers.documents import REMOVE, UPSERT, DocChange
-from pipeline.producers.firestore_source import ConfigError, photos_query, snapshot_change, to_ms
+from pipeline.producers.firestore_source import ConfigError, photos_query
 from pipeline.producers.ledger import LedgerLocked
+from pipeline.producers.snapshot_feed import Delivery, SnapshotFeed
 from pipeline.producers.sync import SyncStats, removed_since
 from pipeline.records import now_ms
 
@@ -39,90 +43,35 @@ logger = logging.getLogger(__name__)
 STAGE = "firestore-listener"
 LOG_EVERY_S = 10.0
 LATENCY_SAMPLES = 10_000
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
+STALL_TIMEOUT_S = 30.0
+GIVE_UP_AFTER_S = 900.0
+WARN_EVERY_S = 30.0
+EXIT_NO_STREAM = 3
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """One on_snapshot callback: its changes, and every document path if it was the first."""
-
-    changes: list[DocChange]
-    present: frozenset[str] | None = None
-
-
-class SnapshotFeed:
-    """Owns the on_snapshot subscription and replaces it when the SDK gives up."""
-
-    def __init__(self, query: Any, out: queue.Queue[Delivery]) -> None:
-        self.query, self.out = query, out
-        self.watch: Any = None
-        self.subscribed_at = 0.0
-        self._generation = 0
-
-    def subscribe(self) -> None:
-        """Start a fresh listen; its first callback carries the complete current state."""
-        self.close()
-        self._generation += 1
-        generation, first = self._generation, threading.Event()
-
-        def callback(docs: list[Any], changes: list[Any], read_time: Any) -> None:
-            if generation != self._generation:  # a replaced watch still delivering
-                return
-            present = None if first.is_set() else frozenset(d.reference.path for d in docs)
-            first.set()
-            self.out.put(Delivery([_change(c, read_time) for c in changes], present))
-
-        self.watch = _by_path_order(self.query).on_snapshot(callback)
-        self.subscribed_at = time.monotonic()
-
-    def healthy(self) -> bool:
-        """False once the SDK closed the stream for good (it then never calls back again)."""
-        watch = self.watch
-        return watch is not None and not getattr(watch, "_closed", False) and watch.is_active
-
-    def close(self) -> None:
-        """Unsubscribe (idempotent)."""
-        if self.watch is not None:
-            try:
-                self.watch.unsubscribe()
-            except Exception as exc:  # closing a broken stream re-raises its cause
-                logger.debug("unsubscribe: %r", exc)
-            self.watch = None
-
-
-def _by_path_order(query: Any) -> Any:
-    """The query, with a cheap comparator for the SDK's own bookkeeping."""
-    # Watch re-sorts every document of the result on each snapshot with
-    # Query._comparator, which builds protobufs per comparison (~0.1 ms): at
-    # 5,000 photos that is seconds per change. We never use that order, so
-    # plain path order (the query has no order_by) does the same job.
-    def by_path(a: Any, b: Any) -> int:
-        left, right = a.reference.path, b.reference.path
-        return (left > right) - (left < right)
-
-    query._comparator = by_path
-    return query
-
-
-def _change(change: Any, read_time: Any) -> DocChange:
-    if change.type.name == "REMOVED":
-        # The document is gone: its last update time is not the deletion's.
-        return DocChange(kind=REMOVE, path=change.document.reference.path, update_ms=to_ms(read_time))
-    return snapshot_change(change.document)
+class StreamLost(RuntimeError):
+    """No working listen stream for longer than --give-up-after."""
 
 
 class Listener:
-    """The main-thread loop: drain the queue, apply one step, retry what was not acked."""
+    """The main-thread loop: keep a working subscription, drain the queue, apply one step."""
 
-    def __init__(self, ctx: Context, resubscribe_every_s: float = 0.0) -> None:
+    def __init__(self, ctx: Context, resubscribe_every_s: float = 0.0, stall_timeout_s: float = STALL_TIMEOUT_S,
+                 give_up_after_s: float = GIVE_UP_AFTER_S) -> None:
         self.ctx = ctx
         self.deliveries: queue.Queue[Delivery] = queue.Queue()
-        self.feed = SnapshotFeed(photos_query(ctx.client, ctx.settings), self.deliveries)
+        self.feed = SnapshotFeed(ctx.client, photos_query(ctx.client, ctx.settings), self.deliveries)
         self.pending: dict[str, DocChange] = {}
         self.totals, self._recent = SyncStats(), SyncStats()
         self._logged_at = time.monotonic()
         self.resubscribe_every_s = resubscribe_every_s
+        self.stall_timeout_s, self.give_up_after_s = stall_timeout_s, give_up_after_s
         self._stopping = threading.Event()
-        self._backoff_s = 0.5
+        self._backoff_s = BACKOFF_MIN_S
+        self._retry_at: float | None = None  # when a broken subscription is replaced
+        self._broken_since: float | None = None
+        self._warned_at = 0.0
 
     def stop(self) -> None:
         """Finish the current step, then exit (signal-safe)."""
@@ -130,7 +79,7 @@ class Listener:
 
     def run(self) -> None:
         """Until stop(): keep the subscription alive and publish what it reports."""
-        self.feed.subscribe()
+        self._subscribe()
         logger.info("%s: listening to collection group %r", STAGE, self.ctx.settings.photos_collection)
         try:
             while not self._stopping.is_set():
@@ -140,18 +89,54 @@ class Listener:
                     self._step()
                 self.ctx.publisher.poll()
         finally:
-            self.feed.close()
+            self.feed.shutdown()
             logger.info("%s: stopped: %s; %s", STAGE, self.totals.summary(), latency_line(self.totals.latencies_ms))
 
+    def _subscribe(self) -> None:
+        try:
+            self.feed.subscribe()
+        except Exception as exc:  # the watchdog retries with backoff
+            logger.error("%s: on_snapshot failed: %r", STAGE, exc)
+            self.feed.close()
+
     def _keep_subscribed(self) -> None:
-        stale = self.resubscribe_every_s and time.monotonic() - self.feed.subscribed_at > self.resubscribe_every_s
-        if self.feed.healthy() and not stale:
+        """The watchdog: replace a closed or stalled subscription; give up after a long outage."""
+        now = time.monotonic()
+        if self.resubscribe_every_s and self.feed.watch is not None \
+                and now - self.feed.subscribed_at > self.resubscribe_every_s:
+            logger.info("%s: periodic re-listen (--resubscribe-every)", STAGE)
+            self._subscribe()
+        problem = self.feed.problem(self.stall_timeout_s)
+        if problem is not None and self._retry_at is None:
+            logger.warning("%s: listen stream %s; re-subscribing in %.1fs", STAGE, problem, self._backoff_s)
+            self.feed.close()
+            self._retry_at = now + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            self._subscribe()
+            problem = self.feed.problem(self.stall_timeout_s)
+        if problem is None and not self.feed.connection.ready:
+            problem = f"no connection to Firestore ({self.feed.connection.state})"
+        self._track_outage(now, problem)
+
+    def _track_outage(self, now: float, problem: str | None) -> None:
+        if problem is None:
+            if self._broken_since is not None and now - self._broken_since >= 1.0:
+                logger.info("%s: listening again after %.0fs", STAGE, now - self._broken_since)
+            self._broken_since = None
             return
-        if not stale:
-            logger.warning("%s: snapshot stream closed; resubscribing in %.1fs", STAGE, self._backoff_s)
-            self._stopping.wait(self._backoff_s)
-            self._backoff_s = min(self._backoff_s * 2, 30.0)
-        self.feed.subscribe()
+        if self._broken_since is None:
+            self._broken_since = self._warned_at = now
+            return
+        down_s = now - self._broken_since
+        if self.give_up_after_s and down_s > self.give_up_after_s:
+            raise StreamLost(f"no working listen stream for {down_s:.0f}s (last: {problem}); exiting "
+                             f"with status {EXIT_NO_STREAM} so that a supervisor restarts the listener")
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            logger.warning("%s: not listening for %.0fs (%s); giving up after %.0fs", STAGE, down_s, problem,
+                           self.give_up_after_s)
 
     def _take(self, timeout_s: float) -> None:
         try:
@@ -173,7 +158,7 @@ class Listener:
             self.pending[change.path] = change
         if delivery.present is None:
             return
-        self._backoff_s = 0.5  # a complete snapshot: the stream works again
+        self._backoff_s = BACKOFF_MIN_S  # a complete snapshot: the stream works again
         now = now_ms()
         for path, change in list(self.pending.items()):
             if change.kind == UPSERT and path not in delivery.present:
@@ -217,22 +202,50 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--resubscribe-every", type=float, default=0.0, metavar="SECONDS",
                         help="re-listen periodically as a guard against silent stalls; each costs one "
                              "read per photo (0: never)")
+    parser.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S, metavar="SECONDS",
+                        help="re-subscribe when a started snapshot gets no message for this long "
+                             "(default: %(default)s)")
+    parser.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER_S, metavar="SECONDS",
+                        help=f"exit with status {EXIT_NO_STREAM} after this long without a working listen "
+                             "stream, for a supervisor to restart the listener (0: never; default: %(default)s)")
     return parser.parse_args(list(argv))
+
+
+def _log_sdk_threads(args: threading.ExceptHookArgs) -> None:
+    """Thread exceptions through logging: the SDK re-raises why it closed a watch on a thread of its own."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    error = args.exc_value
+    if isinstance(error, Exception) and type(error).__module__.startswith("google."):
+        logger.warning("%s: thread %s ended: %s", STAGE, name, error)
+    elif error is not None:
+        logger.error("%s: thread %s died", STAGE, name, exc_info=error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the listener until SIGTERM/SIGINT."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
+    google = logging.getLogger("google")
+    if google.level == logging.NOTSET:
+        # A configured "google" logger keeps google-api-core from cutting it off
+        # from the root logger: the SDK's warnings then reach our log.
+        google.setLevel(logging.WARNING)
+    threading.excepthook = _log_sdk_threads
     try:
         ctx = build_context(args, STAGE)
     except (LedgerLocked, ConfigError) as exc:
         logger.error("%s", exc)
         return 2
-    listener = Listener(ctx, resubscribe_every_s=args.resubscribe_every)
+    listener = Listener(ctx, resubscribe_every_s=args.resubscribe_every, stall_timeout_s=args.stall_timeout,
+                        give_up_after_s=args.give_up_after)
     on_stop_signals(listener.stop)
     try:
         listener.run()
+    except StreamLost as exc:
+        logger.error("%s: %s", STAGE, exc)
+        return EXIT_NO_STREAM
     finally:
         ctx.close()
     return 0
