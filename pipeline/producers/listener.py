@@ -135,8 +135,8 @@ class Listener:
                              f"with status {EXIT_NO_STREAM} so that a supervisor restarts the listener")
         if now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
-            logger.warning("%s: not listening for %.0fs (%s); giving up after %.0fs", STAGE, down_s, problem,
-                           self.give_up_after_s)
+            limit = f"giving up after {self.give_up_after_s:.0f}s" if self.give_up_after_s else "never giving up"
+            logger.warning("%s: not listening for %.0fs (%s); %s", STAGE, down_s, problem, limit)
 
     def _take(self, timeout_s: float) -> None:
         try:

@@ -10,19 +10,22 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.devbroker import free_port
+from pipeline.producers.firestore_source import FirestoreSettings
+from pipeline.producers.listener import Listener, StreamLost
 from pipeline.records import PhotoEvent
 from pipeline.serde import DEAD_LETTER, PHOTO_EVENT, SchemaRegistry
 from pipeline.settings import TopicSettings
 from pipeline.stack import ServiceProcess, spawn
 from tests.conftest import stack_env
 from tests.firestore_fixtures import *  # noqa: F401,F403 - until tests/conftest.py imports them
-from tests.firestore_fixtures import require_emulator_jar, start_emulator, stop_emulator
+from tests.firestore_fixtures import FakeQuery, require_emulator_jar, start_emulator, stop_emulator
 from tests.integration.helpers import match, unit_vectors, wait_for, wait_index_size
 
 pytestmark = [pytest.mark.integration, pytest.mark.firestore]
@@ -206,7 +209,8 @@ def test_listener_survives_an_emulator_restart(
     try:
         monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
         env = stack_env(kafka_bootstrap, topics, FIRESTORE_EMULATOR_HOST=f"127.0.0.1:{port}")
-        listener = start_listener(procs, env, "restart", tmp_path)
+        # Now and then the stream stalls after a restart; --stall-timeout leaves the window room to recover.
+        listener = start_listener(procs, env, "restart", tmp_path, "--stall-timeout", "10")
         db = firestore.Client(project="restart", credentials=AnonymousCredentials())
         for i in range(3):
             photo_ref(db, "R", f"before{i}").set({"image_url": f"https://cdn.example/b{i}.jpg"})
@@ -225,6 +229,47 @@ def test_listener_survives_an_emulator_restart(
     # The emulator keeps data in memory: after its restart the SDK reports the
     # old photos removed, and the listener mirrors that.
     assert set(keys(photos.events(), "DELETE")) == {("R", f"before{i}") for i in range(3)}
+
+
+def test_listener_exits_with_status_3_when_it_cannot_listen_for_too_long(
+        kafka_bootstrap, topics, procs, tmp_path) -> None:
+    jar, port = require_emulator_jar(), free_port()
+    emulator = start_emulator(jar, port, tmp_path / "emulator.log")
+    try:
+        env = stack_env(kafka_bootstrap, topics, FIRESTORE_EMULATOR_HOST=f"127.0.0.1:{port}")
+        listener = start_listener(procs, env, "gone", tmp_path, "--give-up-after", "4")
+    finally:
+        stop_emulator(emulator)  # for good
+    assert listener.process.wait(timeout=60) == 3, listener.log_tail()
+    assert any(" ERROR " in line and "no working listen stream for" in line
+               for line in listener.log_path.read_text().splitlines())
+
+
+def test_watchdog_replaces_a_stalled_or_closed_watch_then_gives_up() -> None:
+    query = FakeQuery()
+    ctx: Any = SimpleNamespace(client=SimpleNamespace(collection_group=lambda name: query),
+                               settings=FirestoreSettings())
+    listener = Listener(ctx, stall_timeout_s=0.3, give_up_after_s=3.0)
+    listener._subscribe()
+    watch = query.watches[0]
+    watch.current = False  # the server started a snapshot (a RESET) and sends its documents
+    for _ in range(4):
+        time.sleep(0.15)
+        watch.message()
+        listener._keep_subscribed()
+    assert query.watches == [watch] and not watch.unsubscribed
+    # ... then nothing more: a stall.
+    wait_for(lambda: listener._keep_subscribed() or len(query.watches) == 2, 5, "a re-subscribe after a stall")
+    assert watch.unsubscribed
+    query.watches[1]._closed = True  # the SDK gives up on the new stream
+    wait_for(lambda: listener._keep_subscribed() or len(query.watches) == 3, 5, "a re-subscribe after a close")
+    query.broken = query.watches[2]._closed = True  # from now on every stream is closed at once
+    started = time.monotonic()
+    with pytest.raises(StreamLost):
+        while time.monotonic() - started < 10:
+            listener._keep_subscribed()
+            time.sleep(0.05)
+    assert 3.0 <= time.monotonic() - started < 5 and len(query.watches) >= 4  # it kept trying with backoff
 
 
 def test_bulk_ingest_one_event_then_all_idempotent_and_incremental(
