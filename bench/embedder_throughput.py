@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.assets import default_model_root, fetch_sample_photos, fetch_sface_models  # noqa: E402
 from pipeline.devbroker import start_broker  # noqa: E402
-from pipeline.embedder.images import DecodePolicy, decode_image  # noqa: E402
-from pipeline.embedder.packs import load_model  # noqa: E402
+from pipeline.facelib.images import DecodePolicy, decode_image  # noqa: E402
+from pipeline.facelib.packs import load_model  # noqa: E402
 from pipeline.records import PhotoEvent  # noqa: E402
 from pipeline.serde import PHOTO_EVENT, PHOTO_FACES, SchemaRegistry  # noqa: E402
 from pipeline.settings import KafkaSettings, TopicSettings  # noqa: E402

@@ -23,13 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.facelib.spec import SFACE_FILE, SFACE_SUBDIR, YUNET_FILE
 from pipeline.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-SFACE_DIRNAME = "sface"
-YUNET_FILE = "face_detection_yunet_2023mar.onnx"
-SFACE_FILE = "face_recognition_sface_2021dec.onnx"
 DOWNLOAD_TIMEOUT_S = 600
 
 
@@ -249,7 +247,7 @@ def fetch_archive_members(archive: Archive, out_dir: Path) -> dict[str, Path]:
 
 def fetch_sface_models(model_root: Path) -> dict[str, Path]:
     """YuNet + SFace onnx files under model_root/sface/, keyed by file name."""
-    return fetch_archive_members(SFACE_ARCHIVE, Path(model_root) / SFACE_DIRNAME)
+    return fetch_archive_members(SFACE_ARCHIVE, Path(model_root) / SFACE_SUBDIR)
 
 
 def fetch_sample_photos(cache_dir: Path) -> dict[str, Path]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from confluent_kafka import Producer
 
 from pipeline.settings import KafkaSettings, RunnerSettings
 
@@ -49,3 +53,29 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     })
     conf.update(overrides)
     return conf
+
+
+@dataclass(frozen=True)
+class Output:
+    """A record to produce; partition None lets the murmur2 partitioner choose."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+    headers: list[tuple[str, bytes]] | None = None
+
+
+def produce_with_retry(producer: Producer, out: Output, on_delivery: Callable[[Any, Any], None]) -> None:
+    """Queue one record; while the local queue is full, serve delivery reports and try again."""
+    kwargs: dict[str, Any] = {"key": out.key, "value": out.value, "on_delivery": on_delivery}
+    if out.partition is not None:
+        kwargs["partition"] = out.partition
+    if out.headers:
+        kwargs["headers"] = out.headers
+    while True:
+        try:
+            producer.produce(out.topic, **kwargs)
+            return
+        except BufferError:  # acks free queue space only when their callbacks are served
+            producer.poll(0.1)

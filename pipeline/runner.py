@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
+from pipeline.deadletter import DeadLetterSource, dead_letter_output
 from pipeline.errors import PoisonRecord, TransientError
+from pipeline.kafka import Output, produce_with_retry
 from pipeline.metrics import Metrics
-from pipeline.records import now_ms
-from pipeline.serde import DEAD_LETTER, SchemaRegistry
+from pipeline.serde import SchemaRegistry
 from pipeline.settings import RunnerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,17 +39,6 @@ class Incoming:
     value: bytes | None
     headers: dict[str, bytes] = field(default_factory=dict)
     timestamp_ms: int = 0
-
-
-@dataclass(frozen=True)
-class Output:
-    """A record to produce; partition None lets the murmur2 partitioner choose."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    partition: int | None = None
-    headers: list[tuple[str, bytes]] | None = None
 
 
 Outcome = list[Output] | BaseException
@@ -247,23 +237,14 @@ class Runner:
         else:
             logger.warning("%s: dead-letter %s at %s[%d]@%d: %s", self.stage.name, reason,
                            item.topic, item.partition, item.offset, error)
-        self._produce(dead_letter_output(self.serde, self.dlq_topic, self.stage.name, item,
+        source = DeadLetterSource(item.topic, item.partition, item.offset, item.key, item.value)
+        self._produce(dead_letter_output(self.serde, self.dlq_topic, self.stage.name, source,
                                          reason, error, attempts))
         self.metrics.dead_letters.labels(self.stage.name, reason).inc()
         self.metrics.records.labels(self.stage.name, "dead_letter").inc()
 
     def _produce(self, out: Output) -> None:
-        kwargs: dict[str, Any] = {"key": out.key, "value": out.value, "on_delivery": self._on_delivery}
-        if out.partition is not None:
-            kwargs["partition"] = out.partition
-        if out.headers:
-            kwargs["headers"] = out.headers
-        while True:
-            try:
-                self.producer.produce(out.topic, **kwargs)
-                return
-            except BufferError:  # local queue full: serve callbacks, then retry
-                self.producer.poll(0.1)
+        produce_with_retry(self.producer, out, self._on_delivery)
 
     def _on_delivery(self, err: Any, msg: Message) -> None:
         if err is not None:
@@ -322,21 +303,3 @@ class Runner:
         finally:
             self.consumer.close()
 
-
-def dead_letter_output(serde: SchemaRegistry, dlq_topic: str, stage: str, item: Incoming,
-                       reason: str, error: BaseException, attempts: int) -> Output:
-    """The DLQ record: original bytes in an envelope, the facts again in headers."""
-    message = str(error)[:2000]
-    envelope = {"stage": stage, "reason": reason, "error_class": type(error).__name__,
-                "error_message": message, "source_topic": item.topic,
-                "source_partition": item.partition, "source_offset": item.offset,
-                "attempts": attempts, "key": item.key, "value": item.value, "failed_at": now_ms()}
-    headers = [("dlq.stage", stage.encode()), ("dlq.reason", reason.encode()),
-               ("dlq.error_class", type(error).__name__.encode()),
-               ("dlq.error_message", message.encode()),
-               ("dlq.source_topic", item.topic.encode()),
-               ("dlq.source_partition", str(item.partition).encode()),
-               ("dlq.source_offset", str(item.offset).encode()),
-               ("dlq.attempts", str(attempts).encode())]
-    return Output(topic=dlq_topic, key=item.key, value=serde.encode(DEAD_LETTER, envelope),
-                  headers=headers)

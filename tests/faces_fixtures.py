@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from pipeline.assets import AssetUnavailable, fetch_sample_photos, fetch_sface_models
-from pipeline.embedder.model import DetectedFace
-from pipeline.embedder.sface import SFaceModel
+from pipeline.facelib.model import DetectedFace
+from pipeline.facelib.sface import SFaceModel
 
 __all__ = ["sample_faces", "sample_images", "sample_photos", "sface_model", "sface_model_root"]
 

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.embedder.images import DecodedImage, map_box_to_original, map_landmarks_to_original
-from pipeline.embedder.model import DetectedFace, FaceModel, ModelSpec
 from pipeline.errors import PoisonRecord
+from pipeline.facelib.geometry import to_original
+from pipeline.facelib.images import DecodedImage
+from pipeline.facelib.model import DetectedFace, FaceModel
+from pipeline.facelib.spec import ModelSpec
+from pipeline.facelib.vectors import normalize_embedding
 from pipeline.records import Face, PhotoEvent, PhotoFaces, PrecomputedFace, check_id
 
 logger = logging.getLogger(__name__)
@@ -33,20 +36,6 @@ class Tombstone:
 FacesChange = PhotoFaces | Tombstone
 Result = FacesChange | BaseException
 Decoder = Callable[[bytes], DecodedImage]
-
-
-def normalize_embedding(values: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
-    """Validate (dimension, finite, non-zero) and L2-normalize one embedding."""
-    vector = np.asarray(values, dtype=np.float32).reshape(-1)
-    if vector.shape[0] != dim:
-        raise PoisonRecord("invalid_embedding",
-                           f"embedding has {vector.shape[0]} values; this pipeline's model expects {dim}")
-    if not np.all(np.isfinite(vector)):
-        raise PoisonRecord("invalid_embedding", "embedding contains NaN or infinite values")
-    norm = float(np.linalg.norm(vector))
-    if norm == 0.0 or not np.isfinite(norm):
-        raise PoisonRecord("invalid_embedding", "embedding is all zeros (norm 0): cannot normalize")
-    return vector / norm
 
 
 def precomputed_faces(event: PhotoEvent, spec: ModelSpec) -> PhotoFaces:
@@ -143,7 +132,7 @@ _PENDING = RuntimeError("not embedded")  # placeholder; every decoded slot is ov
 
 
 def _to_original(face: DetectedFace, scale: float) -> Face:
-    """Boxes and landmarks back in the original photo's pixels (detection ran downscaled)."""
-    return Face(bbox=map_box_to_original(face.bbox, scale), det_score=float(face.det_score),
-                landmarks=map_landmarks_to_original(face.landmarks, scale),
-                embedding=np.asarray(face.embedding, dtype=np.float32))
+    """A faces-record face in the original photo's pixels (detection ran downscaled)."""
+    mapped = to_original(face, scale)
+    return Face(bbox=mapped.bbox, det_score=mapped.det_score, landmarks=mapped.landmarks,
+                embedding=np.asarray(mapped.embedding, dtype=np.float32))

@@ -5,73 +5,28 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Sequence
 
 from confluent_kafka.admin import AdminClient
 
-from pipeline.embedder.core import EmbedderCore, Tombstone
-from pipeline.errors import PoisonRecord
+from pipeline.embedder.core import EmbedderCore
+from pipeline.embedder.stage import EmbedderStage
 from pipeline.kafka import consumer_config, producer_config
 from pipeline.logs import setup_logging
-from pipeline.metrics import Metrics, create_metrics, serve_metrics
-from pipeline.records import PhotoEvent, faces_key
-from pipeline.runner import BaseStage, Incoming, Outcome, Output, Runner
-from pipeline.serde import PHOTO_EVENT, PHOTO_FACES, SchemaRegistry
+from pipeline.metrics import create_metrics, serve_metrics
+from pipeline.runner import Runner
+from pipeline.serde import SchemaRegistry
 from pipeline.settings import EmbedderSettings, KafkaSettings, ModelSettings, RunnerSettings, TopicSettings
-from pipeline.topics import partition_count, partition_for
+from pipeline.topics import partition_count
 
 logger = logging.getLogger(__name__)
-
-
-class EmbedderStage(BaseStage):
-    """Decode photo events, run the core, encode faces records."""
-
-    name = "embedder"
-
-    def __init__(self, core: EmbedderCore, serde: SchemaRegistry, faces_topic: str,
-                 faces_partitions: int, metrics: Metrics) -> None:
-        self.core, self.serde, self.metrics = core, serde, metrics
-        self.faces_topic, self.faces_partitions = faces_topic, faces_partitions
-
-    def handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
-        """One outcome per record: faces output(s) or the error."""
-        outcomes: list[Outcome | None] = [None] * len(batch)
-        events, positions = [], []
-        for i, item in enumerate(batch):
-            try:
-                events.append(PhotoEvent.from_avro(self.serde.decode(PHOTO_EVENT, item.value)))
-                positions.append(i)
-            except PoisonRecord as exc:
-                outcomes[i] = exc
-        self.core.last_fetch_s = self.core.last_model_s = 0.0
-        results = self.core.process(events)
-        if self.core.last_model_s:
-            self.metrics.fetch_seconds.observe(self.core.last_fetch_s)
-            self.metrics.embed_seconds.observe(self.core.last_model_s)
-            logger.debug("batch of %d: fetch+decode %.0f ms, model %.0f ms", len(events),
-                         self.core.last_fetch_s * 1000, self.core.last_model_s * 1000)
-        for i, result in zip(positions, results, strict=True):
-            outcomes[i] = result if isinstance(result, BaseException) else [self._output(result)]
-        assert all(o is not None for o in outcomes)
-        return outcomes  # type: ignore[return-value]
-
-    def _output(self, change: object) -> Output:
-        # The key names the photo (compaction), the partition comes from
-        # event_id alone, so an event's faces and queries share a partition.
-        if isinstance(change, Tombstone):
-            return Output(self.faces_topic, faces_key(change.event_id, change.photo_id), None,
-                          partition_for(change.event_id, self.faces_partitions))
-        value = self.serde.encode(PHOTO_FACES, change.to_avro())  # type: ignore[attr-defined]
-        self.metrics.faces_embedded.inc(len(change.faces))  # type: ignore[attr-defined]
-        return Output(self.faces_topic, faces_key(change.event_id, change.photo_id or None),  # type: ignore[attr-defined]
-                      value, partition_for(change.event_id, self.faces_partitions))  # type: ignore[attr-defined]
 
 
 def build_core(model_settings: ModelSettings, embedder: EmbedderSettings) -> EmbedderCore:
     """Load the model (or refuse with the fix) and the safe fetcher."""
     from pipeline.embedder.fetch import FetchPolicy, ImageFetcher, parse_allow_list
-    from pipeline.embedder.images import DecodePolicy, decode_image
-    from pipeline.embedder.packs import load_model, spec_for
+    from pipeline.facelib.images import DecodePolicy, decode_image
+    from pipeline.facelib.packs import load_model
+    from pipeline.facelib.spec import spec_for
 
     spec = spec_for(model_settings.model, model_settings.embedding_dim)
     model = load_model(model_settings.model, model_settings.model_root,
@@ -99,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     kafka, topics, runner_settings = KafkaSettings(), TopicSettings(), RunnerSettings()
     embedder = EmbedderSettings()
-    from pipeline.embedder.model import ModelUnavailable
+    from pipeline.facelib.model import ModelUnavailable
     try:
         core = build_core(ModelSettings(), embedder)
     except ModelUnavailable as exc:

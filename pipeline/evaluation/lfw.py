@@ -20,8 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.embedder.faces import most_prominent
-from pipeline.embedder.model import FaceModel, ModelUnavailable
+from pipeline.facelib.geometry import most_prominent
+from pipeline.facelib.images import fit_to_side
+from pipeline.facelib.model import FaceModel, ModelUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +123,7 @@ def read_image(path: Path, max_side: int = MAX_SIDE) -> np.ndarray | None:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         return None
-    scale = max_side / max(image.shape[:2])
-    if scale < 1:
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return image
+    return fit_to_side(image, max_side)
 
 
 def embed_images(
@@ -234,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def lfw_main(argv: Sequence[str]) -> int:
     """`facematch eval lfw --dir DIR [--pairs FILE] [--model sface] [--model-root DIR] [--json OUT]`."""
-    from pipeline.embedder.packs import load_model
+    from pipeline.facelib.packs import load_model
     from pipeline.logs import setup_logging
 
     args = _parser().parse_args(list(argv))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from pipeline.errors import PoisonRecord
+from pipeline.facelib.vectors import InvalidEmbedding, normalize_embedding
 from pipeline.indexer.event_index import EventIndex
 from pipeline.indexer.state import PartitionState
 from pipeline.records import MatchReply, MatchRequest, PhotoFaces
@@ -79,8 +78,7 @@ class IndexerCore:
             return replace(reply, error=problem)
         if index is None or index.size == 0:
             return replace(reply, status="NO_FACES", photos_indexed=index.photos if index else 0)
-        query = np.asarray(request.embedding, dtype=np.float32)
-        query = query / np.linalg.norm(query)
+        query = normalize_embedding(request.embedding, self.config.dim)
         matches = index.search(query, request.top_k, threshold)
         return replace(reply, status="OK", matches=matches, index_size=index.size, photos_indexed=index.photos,
                        search_ms=(time.perf_counter() - started) * 1000)
@@ -91,12 +89,10 @@ class IndexerCore:
                           status="ERROR", error=message)
 
     def _check(self, request: MatchRequest) -> str | None:
-        vector = np.asarray(request.embedding, dtype=np.float32)
-        if vector.shape[0] != self.config.dim:
-            return (f"user_embedding has {vector.shape[0]} values; "
-                    f"the model {self.config.model_id} uses {self.config.dim}")
-        if not np.all(np.isfinite(vector)) or float(np.linalg.norm(vector)) == 0.0:
-            return "user_embedding must be finite and not all zeros"
+        try:
+            normalize_embedding(request.embedding, self.config.dim, "user_embedding")
+        except InvalidEmbedding as exc:
+            return f"{exc} (model {self.config.model_id})"
         if not 1 <= request.top_k <= self.config.max_top_k:
             return f"top_k must be between 1 and {self.config.max_top_k}"
         if request.threshold is not None and not -1.0 <= request.threshold <= 1.0:

@@ -17,8 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.formparsers import MultiPartParser
 
-from pipeline.embedder.model import DetectedFace, ModelSpec
 from pipeline.errors import PoisonRecord
+from pipeline.facelib.model import DetectedFace
+from pipeline.facelib.spec import ModelSpec
+from pipeline.facelib.vectors import InvalidEmbedding, normalize_embedding
 from pipeline.matcher.auth import AuthError, Authorizer
 from pipeline.matcher.replies import KafkaRequester, ReplyTimeout
 from pipeline.matcher.schemas import IngestAccepted, IngestBody, MatchBody, MatchOut
@@ -157,13 +159,11 @@ def create_app(services: BridgeServices) -> FastAPI:
 
 
 def _check_vector(field: str, values: list[float], dim: int) -> np.ndarray:
-    vector = np.asarray(values, dtype=np.float32)
-    if vector.shape[0] != dim:
-        raise ApiError(422, f"{field} has {vector.shape[0]} values; this pipeline's model expects {dim}",
-                       embedding_dim=dim)
-    if not np.all(np.isfinite(vector)) or float(np.linalg.norm(vector)) == 0.0:
-        raise ApiError(422, f"{field} must be finite and not all zeros")
-    return vector
+    try:
+        normalize_embedding(values, dim, field)
+    except InvalidEmbedding as exc:
+        raise ApiError(422, str(exc), embedding_dim=dim) from exc
+    return np.asarray(values, dtype=np.float32)
 
 
 async def _faces(services: BridgeServices, image: UploadFile) -> list[DetectedFace]:

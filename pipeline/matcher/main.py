@@ -14,8 +14,9 @@ import numpy as np
 import uvicorn
 from confluent_kafka.admin import AdminClient
 
-from pipeline.embedder.images import map_box_to_original, map_landmarks_to_original
-from pipeline.embedder.model import DetectedFace, FaceModel, ModelSpec
+from pipeline.facelib.geometry import to_original
+from pipeline.facelib.model import FaceModel
+from pipeline.facelib.spec import ModelSpec
 from pipeline.kafka import producer_config
 from pipeline.logs import setup_logging
 from pipeline.matcher.api import BridgeServices, create_app
@@ -93,9 +94,10 @@ def probe_events(partitions: int) -> list[str]:
 
 
 def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSettings,
-                   model_settings: ModelSettings) -> BridgeServices:
+                   model_settings: ModelSettings, embedder: EmbedderSettings) -> BridgeServices:
     """Everything the app needs; starts the reply thread."""
-    from pipeline.embedder.packs import load_model, spec_for
+    from pipeline.facelib.packs import load_model
+    from pipeline.facelib.spec import spec_for
 
     spec = spec_for(model_settings.model, model_settings.embedding_dim)
     model = load_model(model_settings.model, model_settings.model_root,
@@ -103,7 +105,7 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
     faces_in_image = None
     if model is not None:
         model.load()
-        faces_in_image = _selfie_reader(model, EmbedderSettings())
+        faces_in_image = _selfie_reader(model, embedder)
     serde = SchemaRegistry.load()
     admin = AdminClient(kafka.to_librdkafka())
     partitions = partition_count(admin, topics.match_requests)
@@ -123,7 +125,7 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
 
 
 def _selfie_reader(model: FaceModel, embedder: EmbedderSettings) -> Any:
-    from pipeline.embedder.images import DecodePolicy, decode_image
+    from pipeline.facelib.images import DecodePolicy, decode_image
 
     policy = DecodePolicy(max_pixels=embedder.fetch_max_pixels, max_side=embedder.embedder_max_side)
     lock = threading.Lock()  # one model instance; onnxruntime/OpenCV calls are serialized
@@ -132,22 +134,16 @@ def _selfie_reader(model: FaceModel, embedder: EmbedderSettings) -> Any:
         image = decode_image(data, policy)
         with lock:
             faces = model.detect_and_embed([image.bgr])[0]
-        return [_scaled(f, image.scale) for f in faces]
+        return [to_original(f, image.scale) for f in faces]
 
     return faces_in_image
-
-
-def _scaled(face: DetectedFace, scale: float) -> DetectedFace:
-    """The face in the uploaded image's pixels (detection ran on a downscaled copy)."""
-    return DetectedFace(bbox=map_box_to_original(face.bbox, scale), det_score=face.det_score,
-                        landmarks=map_landmarks_to_original(face.landmarks, scale), embedding=face.embedding)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`facematch bridge`."""
     setup_logging()
     kafka, topics, bridge, model = KafkaSettings(), TopicSettings(), BridgeSettings(), ModelSettings()
-    services = build_services(kafka, topics, bridge, model)
+    services = build_services(kafka, topics, bridge, model, EmbedderSettings())
     app = create_app(services)
     try:
         uvicorn.run(app, host=bridge.http_host, port=bridge.http_port, log_level="warning",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.embedder.faces import most_prominent
-from pipeline.embedder.model import DetectedFace, ModelSpec
+from pipeline.facelib.geometry import most_prominent
+from pipeline.facelib.model import DetectedFace
+from pipeline.facelib.spec import ModelSpec
 
 
 class SelfieError(ValueError):

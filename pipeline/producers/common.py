@@ -53,7 +53,7 @@ def embedding_dim(args: argparse.Namespace) -> int:
     """The dimension the embedder will demand of precomputed embeddings."""
     if args.embedding_dim:
         return int(args.embedding_dim)
-    from pipeline.embedder.packs import spec_for  # lazy: loads no weights, but imports cv2
+    from pipeline.facelib.spec import spec_for
 
     model = ModelSettings()
     return spec_for(model.model, model.embedding_dim).dim

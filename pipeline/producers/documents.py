@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import PoisonRecord
+from pipeline.facelib.vectors import normalize_embedding
 from pipeline.records import PhotoEvent, PrecomputedFace, check_id
 
 UPSERT, REMOVE = "upsert", "remove"
@@ -134,12 +135,7 @@ def _face(face: Any, dim: int, index: int) -> PrecomputedFace:
 
 def _vector(value: Any, dim: int, name: str) -> list[float]:
     vector = _numbers(value, name, "wrong_type")
-    if len(vector) != dim:
-        raise PoisonRecord("invalid_embedding", f"{name} has {len(vector)} values; the pipeline expects {dim}")
-    if not all(math.isfinite(x) for x in vector):
-        raise PoisonRecord("invalid_embedding", f"{name} contains NaN or infinite values")
-    if not any(vector):
-        raise PoisonRecord("invalid_embedding", f"{name} is all zeros")
+    normalize_embedding(vector, dim, name)  # refuses here what the embedder would dead-letter later
     return vector
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from pipeline.deadletter import DeadLetterSource, dead_letter_output
 from pipeline.errors import PoisonRecord
-from pipeline.kafka import producer_config
+from pipeline.kafka import Output, produce_with_retry, producer_config
 from pipeline.metrics import Metrics
 from pipeline.producers.documents import DocChange, document_bytes
 from pipeline.records import PhotoEvent
-from pipeline.runner import Incoming, Output, dead_letter_output
 from pipeline.serde import PHOTO_EVENT, SchemaRegistry
 from pipeline.settings import KafkaSettings, TopicSettings
 
@@ -67,9 +67,8 @@ class PhotoPublisher:
     def dead_letter(self, token: Any, change: DocChange, error: PoisonRecord) -> None:
         """Queue a DLQ record for a malformed document, in the runner's envelope and headers."""
         ref = _safe_ref(change.path)
-        source = Incoming(topic=f"{SOURCE_TOPIC_PREFIX}{change.path}", partition=-1, offset=-1,
-                          key=ref.encode() if ref else None, value=document_bytes(change),
-                          timestamp_ms=change.update_ms)
+        source = DeadLetterSource(topic=f"{SOURCE_TOPIC_PREFIX}{change.path}", partition=-1, offset=-1,
+                                  key=ref.encode() if ref else None, value=document_bytes(change))
         logger.warning("%s: dead-letter %s: %s: %s", self.stage, change.path, error.reason, error)
         self.metrics.dead_letters.labels(self.stage, error.reason).inc()
         self._produce(token, dead_letter_output(self.serde, self.topics.dlq, self.stage, source,
@@ -77,14 +76,7 @@ class PhotoPublisher:
 
     def _produce(self, token: Any, out: Output) -> None:
         self._in_flight.add(token)
-        headers: Any = out.headers
-        while True:
-            try:
-                self.producer.produce(out.topic, key=out.key, value=out.value, headers=headers,
-                                      on_delivery=self._callback(token))
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                self.producer.poll(0.1)
+        produce_with_retry(self.producer, out, self._callback(token))
 
     def _callback(self, token: Any) -> Callable[[Any, Any], None]:
         def on_delivery(err: Any, msg: Any) -> None:

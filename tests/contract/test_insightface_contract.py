@@ -26,9 +26,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.embedder.insightface_pack import LICENSE, InsightFacePack
-from pipeline.embedder.model import DetectedFace, ModelUnavailable
-from pipeline.embedder.packs import load_model, spec_for
+from pipeline.facelib.insightface_pack import LICENSE, InsightFacePack
+from pipeline.facelib.model import DetectedFace, ModelUnavailable
+from pipeline.facelib.packs import load_model
+from pipeline.facelib.spec import spec_for
 
 STRIDES = (8, 16, 32)
 ANCHORS = 2

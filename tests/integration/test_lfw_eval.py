@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.embedder.faces import most_prominent
-from pipeline.embedder.model import DetectedFace
 from pipeline.evaluation.lfw import lfw_image, lfw_main
+from pipeline.facelib.geometry import most_prominent
+from pipeline.facelib.model import DetectedFace
 from tests.faces_fixtures import MAX_SIDE
 
 # Each guest is the most prominent face of one group photo: a crop and its mirror image.

@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.embedder.model import DetectedFace, ModelUnavailable
-from pipeline.embedder.sface import SFACE_SPEC, SFaceModel
+from pipeline.facelib.model import DetectedFace, ModelUnavailable
+from pipeline.facelib.sface import SFaceModel
+from pipeline.facelib.spec import SFACE_SPEC
 
 EXPECTED_FACES = {
     "obama.jpg": 1,

@@ -11,7 +11,8 @@ import pytest
 import starlette.formparsers
 from fastapi.testclient import TestClient
 
-from pipeline.embedder.model import DetectedFace, ModelSpec
+from pipeline.facelib.model import DetectedFace
+from pipeline.facelib.spec import ModelSpec
 from pipeline.matcher.api import BridgeServices, create_app
 from pipeline.matcher.auth import Authorizer
 from pipeline.metrics import create_metrics

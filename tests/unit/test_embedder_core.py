@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.embedder.core import EmbedderCore, Tombstone, normalize_embedding
-from pipeline.embedder.images import DecodedImage
-from pipeline.embedder.model import DetectedFace, ModelSpec
+from pipeline.embedder.core import EmbedderCore, Tombstone
 from pipeline.errors import PoisonRecord, TransientError
+from pipeline.facelib.images import DecodedImage
+from pipeline.facelib.model import DetectedFace
+from pipeline.facelib.spec import ModelSpec
+from pipeline.facelib.vectors import normalize_embedding
 from pipeline.records import PhotoEvent, PhotoFaces, PrecomputedFace
 
 SPEC = ModelSpec(name="fake", model_id="fake-1", dim=4, default_threshold=0.3, license="test")

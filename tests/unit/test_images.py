@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.embedder.images import (
-    DecodePolicy,
-    decode_image,
-    map_box_to_original,
-    map_landmarks_to_original,
-    sniff_format,
-)
 from pipeline.errors import PoisonRecord
+from pipeline.facelib.geometry import map_box_to_original, map_landmarks_to_original
+from pipeline.facelib.images import DecodePolicy, decode_image, sniff_format
 
 RED_BGR = (0, 0, 255)
 BLUE_BGR = (255, 0, 0)

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeline.facelib.spec import ModelSpec
+
 
 @dataclass(frozen=True)
 class DetectedFace:
@@ -21,17 +23,6 @@ class DetectedFace:
     det_score: float
     landmarks: tuple[float, ...] | None  # 5 points flattened: x0, y0, ..., x4, y4
     embedding: np.ndarray  # float32, shape (dim,), L2-normalized
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the pipeline needs to know about a pack without loading it."""
-
-    name: str  # the setting value, e.g. "sface"
-    model_id: str  # goes into every faces record
-    dim: int
-    default_threshold: float  # cosine similarity above which two faces match
-    license: str
 
 
 class FaceModel(Protocol):

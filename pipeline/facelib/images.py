@@ -14,7 +14,6 @@ import logging
 import math
 import struct
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -32,6 +31,7 @@ from PIL import (
 )
 
 from pipeline.errors import PoisonRecord
+from pipeline.facelib.geometry import fit_scale, fitted_size
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +153,8 @@ def _decode(im: ImageFile.ImageFile, fmt: str, policy: DecodePolicy) -> DecodedI
         small.getexif()[ExifTags.Base.Orientation] = orientation
         ImageOps.exif_transpose(small, in_place=True)
     bgr = cv2.cvtColor(np.asarray(_to_rgb(small)), cv2.COLOR_RGB2BGR)
-    scale = 1.0
-    if policy.max_side and max(width, height) > policy.max_side:
-        scale = max(width, height) / policy.max_side
-        target = (max(1, round(width / scale)), max(1, round(height / scale)))
-        if (bgr.shape[1], bgr.shape[0]) != target:
-            bgr = cv2.resize(bgr, target, interpolation=cv2.INTER_AREA)
+    scale = fit_scale(width, height, policy.max_side)
+    bgr = resize_to(bgr, fitted_size(width, height, scale))
     return DecodedImage(bgr=np.ascontiguousarray(bgr), scale=scale, original_size=(width, height))
 
 
@@ -195,14 +191,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def map_box_to_original(bbox: Sequence[float], scale: float) -> tuple[float, float, float, float]:
-    """Map an (x, y, width, height) box from decoded to original-image pixels."""
-    x, y, w, h = bbox
-    return (x * scale, y * scale, w * scale, h * scale)
+def resize_to(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The image at (width, height), area-averaged; the same array when it already has that size."""
+    if (bgr.shape[1], bgr.shape[0]) == size:
+        return bgr
+    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
 
 
-def map_landmarks_to_original(landmarks: Sequence[float] | None, scale: float) -> tuple[float, ...] | None:
-    """Map flattened landmark coordinates (x0, y0, x1, y1, ...) to original-image pixels."""
-    if landmarks is None:
-        return None
-    return tuple(float(v) * scale for v in landmarks)
+def fit_to_side(bgr: np.ndarray, max_side: int) -> np.ndarray:
+    """A decoded BGR image downscaled so its long side is at most max_side."""
+    height, width = bgr.shape[:2]
+    return resize_to(bgr, fitted_size(width, height, fit_scale(width, height, max_side)))

@@ -17,30 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.embedder.faces import l2_normalize
-from pipeline.embedder.model import DetectedFace, ModelSpec, ModelUnavailable, preferred_providers
+from pipeline.facelib.model import DetectedFace, ModelUnavailable, preferred_providers
+from pipeline.facelib.spec import INSIGHTFACE_LICENSE as LICENSE
+from pipeline.facelib.spec import insightface_spec
+from pipeline.facelib.vectors import l2_normalize, split_per_image
 
 logger = logging.getLogger(__name__)
 
-LICENSE = "non-commercial research only (InsightFace model packs)"
-# The packs we know; any other folder name is allowed through insightface_spec().
-KNOWN_PACKS = ("buffalo_l", "buffalo_m", "buffalo_s", "buffalo_sc", "antelopev2")
-DECLARED_DIM = 512  # what InsightFace's published recognizers emit; the loaded model has the last word
-DEFAULT_THRESHOLD = 0.40
 DEFAULT_DET_THRESHOLD = 0.5  # SCRFD's own default
 DET_SIZE = (640, 640)
 MAX_BATCH = 32
-
-
-def insightface_spec(pack: str, dim: int = DECLARED_DIM) -> ModelSpec:
-    """The spec of an InsightFace pack named after its folder under `<model_root>/models/`."""
-    return ModelSpec(
-        name=pack,
-        model_id=f"insightface-{pack}",
-        dim=dim,
-        default_threshold=DEFAULT_THRESHOLD,
-        license=LICENSE,
-    )
 
 
 class InsightFacePack:
@@ -127,13 +113,9 @@ class InsightFacePack:
                 for kps in kpss
             ]
             embeddings = self._embed(rec, crops)
-        result: list[list[DetectedFace]] = []
-        cursor = 0
-        for boxes, kpss in detections:
-            faces = [_to_face(boxes[i], kpss[i], embeddings[cursor + i]) for i in range(len(boxes))]
-            cursor += len(boxes)
-            result.append(faces)
-        return result
+        per_image = split_per_image([len(boxes) for boxes, _ in detections], embeddings)
+        return [[_to_face(boxes[i], kpss[i], image_embeddings[i]) for i in range(len(boxes))]
+                for (boxes, kpss), image_embeddings in zip(detections, per_image, strict=True)]
 
     def _embed(self, rec: Any, crops: list[np.ndarray]) -> np.ndarray:
         if not crops:

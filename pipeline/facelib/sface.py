@@ -23,21 +23,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.embedder.faces import l2_normalize
-from pipeline.embedder.model import DetectedFace, ModelSpec, ModelUnavailable, preferred_providers
+from pipeline.facelib.model import DetectedFace, ModelUnavailable, preferred_providers
+from pipeline.facelib.spec import SFACE_FILE, SFACE_SPEC, SFACE_SUBDIR, YUNET_FILE, ModelSpec
+from pipeline.facelib.vectors import l2_normalize, split_per_image
 
 logger = logging.getLogger(__name__)
 
-SFACE_SPEC = ModelSpec(
-    name="sface",
-    model_id="yunet-2023mar+sface-2021dec",
-    dim=128,
-    default_threshold=0.363,  # OpenCV's published cosine threshold for SFace
-    license="Apache-2.0 (SFace) / MIT (YuNet)",
-)
-SUBDIR = "sface"
-YUNET_FILE = "face_detection_yunet_2023mar.onnx"
-SFACE_FILE = "face_recognition_sface_2021dec.onnx"
 # 0.8, not YuNet's usual 0.6: on the test photos at 640 px a background false
 # positive scores 0.61-0.72 (depending on the resize filter) while the weakest
 # real face scores 0.86.
@@ -122,7 +113,7 @@ class SFaceModel:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-        self.model_dir = Path(model_root) / SUBDIR
+        self.model_dir = Path(model_root) / SFACE_SUBDIR
         self.det_threshold = DEFAULT_DET_THRESHOLD if det_threshold is None else float(det_threshold)
         self._backend = backend
         self._providers = list(providers) if providers is not None else None
@@ -213,14 +204,9 @@ class SFaceModel:
             for image, rows in zip(images, rows_per_image, strict=True)
             for row in rows
         ]
-        embeddings = self.embed_aligned(crops)
-        result: list[list[DetectedFace]] = []
-        cursor = 0
-        for rows in rows_per_image:
-            faces = [_to_face(row, embeddings[cursor + i]) for i, row in enumerate(rows)]
-            cursor += len(rows)
-            result.append(faces)
-        return result
+        per_image = split_per_image([len(rows) for rows in rows_per_image], self.embed_aligned(crops))
+        return [[_to_face(row, embedding) for row, embedding in zip(rows, embeddings, strict=True)]
+                for rows, embeddings in zip(rows_per_image, per_image, strict=True)]
 
     def _require_loaded(self) -> None:
         if self._embedder is None:

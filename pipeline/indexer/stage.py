@@ -1,0 +1,163 @@
+"""The indexer's runner adapter: faces records update IndexerCore, match requests get replies.
+
+The member that owns partition p of the faces topic also owns partition p of
+the request topic (range assignor), so it answers queries from local state.
+On assignment it loads the partition's snapshot and replays the faces topic
+from the snapshot's offset; the partition's requests stay paused until that
+replay reaches the end, so no query is answered from a stale index.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Sequence
+
+from confluent_kafka import OFFSET_BEGINNING
+
+from pipeline.errors import PoisonRecord
+from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
+from pipeline.indexer.core import IndexerCore
+from pipeline.indexer.state import load_snapshot, save_snapshot, snapshot_path
+from pipeline.metrics import Metrics
+from pipeline.records import MatchRequest, PhotoFaces, now_ms, parse_faces_key
+from pipeline.runner import BaseStage, Control, Incoming, Outcome, Output
+from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
+from pipeline.settings import IndexerSettings, TopicSettings
+from pipeline.topics import partition_for
+
+logger = logging.getLogger(__name__)
+
+
+class IndexerStage(BaseStage):
+    """Adapter between the runner and IndexerCore."""
+
+    name = "indexer"
+
+    def __init__(self, core: IndexerCore, serde: SchemaRegistry, topics: TopicSettings,
+                 partitions: int, settings: IndexerSettings, metrics: Metrics) -> None:
+        self.core, self.serde, self.topics, self.partitions = core, serde, topics, partitions
+        self.settings, self.metrics = settings, metrics
+        self.replaying: set[int] = set()
+
+    # -- records -------------------------------------------------------------
+    def handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
+        """Faces update the index; requests produce replies."""
+        outcomes: list[Outcome] = []
+        for item in batch:
+            try:
+                if item.topic == self.topics.faces:
+                    self._apply(item)
+                    outcomes.append([])
+                else:
+                    outcomes.append(self._answer(item))
+            except PoisonRecord as exc:
+                outcomes.append(exc)
+        self._update_gauges()
+        return outcomes
+
+    def _apply(self, item: Incoming) -> None:
+        try:
+            event_id, photo_id = parse_faces_key(item.key)
+            if partition_for(event_id, self.partitions) != item.partition:
+                raise PoisonRecord("wrong_partition", f"event {event_id} belongs on partition "
+                                   f"{partition_for(event_id, self.partitions)}, found on {item.partition}")
+            faces = None
+            if item.value is not None:
+                faces = PhotoFaces.from_avro(self.serde.decode(PHOTO_FACES, item.value))
+            self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces)
+        finally:
+            self.core.cover(item.partition, item.offset)
+            if item.partition in self.replaying:
+                self.metrics.replay_records.inc()
+
+    def _answer(self, item: Incoming) -> list[Output]:
+        reply_topic = item.headers.get(REPLY_TOPIC)
+        correlation = item.headers.get(CORRELATION)
+        if not reply_topic or not correlation:
+            raise PoisonRecord("no_reply_topic", f"match request lacks {REPLY_TOPIC}/{CORRELATION} headers")
+        request = MatchRequest.from_avro(self.serde.decode(MATCH_REQUEST, item.value))
+        if request.deadline_ms and request.deadline_ms < now_ms():
+            self.metrics.records.labels(self.name, "expired").inc()
+            return []  # the caller has given up (HTTP 504 already sent)
+        started = time.perf_counter()
+        expected = partition_for(request.event_id, self.partitions)
+        if expected != item.partition:
+            reply = self.core.error_reply(request, f"request for event {request.event_id} sent to "
+                                          f"partition {item.partition}, expected {expected}: use murmur2")
+        else:
+            reply = self.core.answer(item.partition, request)
+        self.metrics.match_seconds.observe(time.perf_counter() - started)
+        raw_partition = item.headers.get(REPLY_PARTITION)
+        partition = struct.unpack(">i", raw_partition)[0] if raw_partition and len(raw_partition) == 4 else None
+        return [Output(reply_topic.decode(), item.key, self.serde.encode(MATCH_REPLY, reply.to_avro()),
+                       partition=partition, headers=[(CORRELATION, correlation)])]
+
+    # -- partitions ------------------------------------------------------------
+    def on_assign(self, partitions: list[tuple[str, int]], control: Control) -> dict[tuple[str, int], int]:
+        """Load snapshots; replay each faces partition from its snapshot's offset."""
+        starts = {}
+        for topic, partition in partitions:
+            if topic != self.topics.faces:
+                continue
+            path = snapshot_path(self.settings.state_dir, topic, partition)
+            state = load_snapshot(path, partition, self.core.config.dim)
+            if state is None:
+                self.core.drop(partition)
+                starts[(topic, partition)] = OFFSET_BEGINNING
+            else:
+                self.core.partitions[partition] = state
+                starts[(topic, partition)] = state.next_offset
+                logger.info("partition %d: snapshot at offset %d (%d events)", partition,
+                            state.next_offset, len(state.events))
+            self.replaying.add(partition)
+        return starts
+
+    def after_assign(self, partitions: list[tuple[str, int]], control: Control) -> None:
+        """Hold queries until their faces partition has caught up."""
+        for topic, partition in partitions:
+            if topic == self.topics.match_requests and partition in self.replaying:
+                control.pause(topic, partition)
+
+    def after_batch(self, control: Control) -> None:
+        """Resume caught-up partitions; snapshot on schedule."""
+        for partition in sorted(self.replaying):
+            high = control.high_watermark(self.topics.faces, partition)
+            state = self.core.partitions.get(partition)
+            position = state.next_offset if state else 0
+            if high >= 0 and position >= high:
+                self.replaying.discard(partition)
+                control.resume(self.topics.match_requests, partition)
+                logger.info("partition %d caught up at offset %d: answering queries", partition, high)
+        now = time.monotonic()
+        for state in list(self.core.partitions.values()):
+            due = now - state.last_snapshot >= self.settings.snapshot_interval_s
+            if due and state.dirty_records >= self.settings.snapshot_min_records:
+                self._snapshot(state.partition)
+
+    def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+        """Snapshot and drop what we no longer own."""
+        for topic, partition in partitions:
+            if topic == self.topics.faces:
+                self._snapshot(partition)
+                self.core.drop(partition)
+                self.replaying.discard(partition)
+        self._update_gauges()
+
+    def close(self) -> None:
+        """Snapshot everything on graceful stop."""
+        for partition in list(self.core.partitions):
+            self._snapshot(partition)
+
+    def _snapshot(self, partition: int) -> None:
+        state = self.core.partitions.get(partition)
+        if state is None or state.dirty_records == 0:
+            return
+        save_snapshot(state, snapshot_path(self.settings.state_dir, self.topics.faces, partition))
+        self.metrics.snapshots.inc()
+
+    def _update_gauges(self) -> None:
+        states = self.core.partitions.values()
+        self.metrics.index_faces.set(sum(s.faces for s in states))
+        self.metrics.index_events.set(sum(len(s.events) for s in states))
