@@ -171,7 +171,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--faces", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--dim", type=int, default=512, help="512 = ArcFace (the seed's), 128 = SFace (default model)")
+    parser.add_argument("--dim", type=int, default=512, help="512 = ArcFace (buffalo_l), 128 = SFace (default model)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "match_latency.json")
     parser.add_argument("--echo", nargs=3, metavar=("BOOTSTRAP", "REQUESTS", "REPLIES"))
     args = parser.parse_args()

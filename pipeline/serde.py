@@ -90,7 +90,8 @@ class SchemaRegistry:
             raise PoisonRecord("unknown_schema",
                                f"unknown writer schema fingerprint {data[2:HEADER_LEN].hex()}")
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
-                                              self.readers[name])
+            record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
+                                                                self.readers[name])
+            return record
         except Exception as exc:  # fastavro raises many kinds on bad bytes
             raise PoisonRecord("undecodable", f"cannot decode {name}: {exc!r}") from exc

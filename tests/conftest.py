@@ -98,7 +98,7 @@ def stack_env(bootstrap: str, topics: TopicSettings, **extra: str) -> dict[str, 
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "FACEMATCH_TOPIC_PREFIX": topics.prefix,
         "FACEMATCH_TOPIC_PARTITIONS": str(topics.partitions),
-        # FACTS: each join takes about half the session timeout on this broker.
+        # Tansu takes about half the session timeout per join; short timeouts keep rebalances quick.
         "FACEMATCH_KAFKA_SESSION_TIMEOUT_MS": "6000",
         "FACEMATCH_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
         "FACEMATCH_INDEXER_GROUP": f"{topics.prefix}indexer",

@@ -43,7 +43,7 @@ def build_core(model_settings: ModelSettings, embedder: EmbedderSettings) -> Emb
     def fetch(url: str) -> bytes:
         if not hasattr(fetchers, "fetcher"):
             fetchers.fetcher = ImageFetcher(fetch_policy)
-        return fetchers.fetcher.fetch(url)
+        return bytes(fetchers.fetcher.fetch(url))
 
     policy = DecodePolicy(max_pixels=embedder.fetch_max_pixels, max_side=embedder.embedder_max_side)
     return EmbedderCore(spec, model, fetch, lambda data: decode_image(data, policy))

@@ -74,7 +74,7 @@ def batchable_sface(path: Path) -> bytes:
     model.graph.input.extend(real_inputs)
     for value in (model.graph.input[0], model.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 class _OrtEmbedder:

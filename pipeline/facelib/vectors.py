@@ -36,7 +36,8 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length, as float32; zero rows stay zero."""
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    scaled: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return scaled
 
 
 def split_per_image(counts: Sequence[int], embeddings: np.ndarray) -> list[np.ndarray]:

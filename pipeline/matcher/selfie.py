@@ -29,7 +29,7 @@ def face_json(face: DetectedFace) -> dict[str, Any]:
 
 
 def analyze_payload(faces: list[DetectedFace], spec: ModelSpec) -> dict[str, Any]:
-    """The seed's V1 analyze answer: `descriptor` of the most prominent face, plus all faces."""
+    """The V1 `/api/face/analyze` answer: `descriptor` of the most prominent face, plus all faces."""
     main = most_prominent(faces)
     return {"success": main is not None, "face_count": len(faces),
             "descriptor": None if main is None else [float(v) for v in main.embedding],
