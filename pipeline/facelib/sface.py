@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -94,6 +95,13 @@ class _OrtEmbedder:
     def __call__(self, blob: np.ndarray) -> np.ndarray:
         out = self._session.run(None, {self._input: blob})[0]
         return np.asarray(out, dtype=np.float32).reshape(blob.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    detector: cv2.FaceDetectorYN
+    aligner: cv2.FaceRecognizerSF
+    embedder: _OpenCVEmbedder | _OrtEmbedder
 
 
 class SFaceModel:
@@ -174,33 +182,30 @@ class SFaceModel:
     def detect(self, image: np.ndarray) -> np.ndarray:
         """YuNet rows (N, 15): x, y, w, h, 5 landmarks (x, y), score."""
         _check_image(image)
-        self._require_loaded()
-        assert self._detector is not None
+        detector = self._loaded().detector
         height, width = image.shape[:2]
         with self._lock:
-            self._detector.setInputSize((width, height))
-            _, rows = self._detector.detect(image)
+            detector.setInputSize((width, height))
+            _, rows = detector.detect(image)
         return np.zeros((0, 15), np.float32) if rows is None else np.asarray(rows, np.float32)
 
     def embed_aligned(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalized float32 embeddings (N, dim) of aligned 112x112 BGR crops."""
-        self._require_loaded()
-        assert self._embedder is not None
+        embedder = self._loaded().embedder
         if not crops:
             return np.zeros((0, self.spec.dim), np.float32)
         chunks = []
         with self._lock:
             for start in range(0, len(crops), self.max_batch):
-                chunks.append(self._embedder(_blob(crops[start : start + self.max_batch])))
+                chunks.append(embedder(_blob(crops[start : start + self.max_batch])))
         return l2_normalize(np.concatenate(chunks))
 
     def detect_and_embed(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
         """Faces per image; every face of every image is embedded in one batch."""
-        self.load()
-        assert self._aligner is not None
+        aligner = self._loaded().aligner
         rows_per_image = [self.detect(image) for image in images]
         crops = [
-            self._aligner.alignCrop(image, row)
+            aligner.alignCrop(image, row)
             for image, rows in zip(images, rows_per_image, strict=True)
             for row in rows
         ]
@@ -208,9 +213,12 @@ class SFaceModel:
         return [[_to_face(row, embedding) for row, embedding in zip(rows, embeddings, strict=True)]
                 for rows, embeddings in zip(rows_per_image, per_image, strict=True)]
 
-    def _require_loaded(self) -> None:
-        if self._embedder is None:
-            self.load()
+    def _loaded(self) -> _Loaded:
+        """The loaded parts, loading them first if needed (load() raises ModelUnavailable)."""
+        self.load()
+        if self._detector is None or self._aligner is None or self._embedder is None:
+            raise ModelUnavailable(f"the SFace pack in {self.model_dir} did not load")
+        return _Loaded(self._detector, self._aligner, self._embedder)
 
 
 def _to_face(row: np.ndarray, embedding: np.ndarray) -> DetectedFace:
