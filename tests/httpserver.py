@@ -224,12 +224,13 @@ def _handler_class(site: Site, stop: threading.Event, lock: threading.Lock) -> t
 
 
 @contextlib.contextmanager
-def serve(routes: Mapping[str, RouteSpec], tls: tuple[str, str] | None = None) -> Iterator[Site]:
-    """Run a threaded server on 127.0.0.1 for the duration of the with-block."""
+def serve(routes: Mapping[str, RouteSpec], tls: tuple[str, str] | None = None,
+          host: str = "127.0.0.1") -> Iterator[Site]:
+    """Run a threaded server on host (any loopback address) for the duration of the with-block."""
     table = {path: spec if isinstance(spec, Route) else _Fixed(bytes(spec)) for path, spec in routes.items()}
     stop = threading.Event()
     site = Site("", table)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(site, stop, threading.Lock()))
+    server = ThreadingHTTPServer((host, 0), _handler_class(site, stop, threading.Lock()))
     server.daemon_threads = True
     server.block_on_close = False  # slow handlers are released by `stop`, not joined
     scheme = "http"
@@ -240,7 +241,7 @@ def serve(routes: Mapping[str, RouteSpec], tls: tuple[str, str] | None = None) -
         # Handshake in the handler thread, so a bad client cannot stall accept().
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         scheme = "https"
-    site.base_url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
+    site.base_url = f"{scheme}://{host}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
