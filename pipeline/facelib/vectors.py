@@ -21,7 +21,8 @@ def normalize_embedding(values: Sequence[float] | np.ndarray, dim: int, name: st
 
     `name` is the field the caller knows it by, so the message points at it.
     """
-    vector = np.asarray(values, dtype=np.float32).reshape(-1)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
+        vector = np.asarray(values, dtype=np.float32).reshape(-1)
     if vector.shape[0] != dim:
         raise InvalidEmbedding(f"{name} has {vector.shape[0]} values; this pipeline's model expects {dim}")
     if not np.all(np.isfinite(vector)):
