@@ -29,13 +29,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.assets import default_model_root, fetch_sample_photos, fetch_sface_models  # noqa: E402
+from pipeline.assets import fetch_sample_photos, fetch_sface_models  # noqa: E402
 from pipeline.devbroker import start_broker  # noqa: E402
 from pipeline.facelib.images import DecodePolicy, decode_image  # noqa: E402
 from pipeline.facelib.packs import load_model  # noqa: E402
 from pipeline.records import PhotoEvent  # noqa: E402
 from pipeline.serde import PHOTO_EVENT, PHOTO_FACES, SchemaRegistry  # noqa: E402
-from pipeline.settings import KafkaSettings, TopicSettings  # noqa: E402
+from pipeline.settings import KafkaSettings, ModelSettings, TopicSettings  # noqa: E402
 from pipeline.stack import spawn  # noqa: E402
 from pipeline.topics import create_topics  # noqa: E402
 
@@ -120,7 +120,7 @@ def main() -> int:
     parser.add_argument("--copies", type=int, default=6, help="times each sample photo is ingested")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embedder_throughput.json")
     args = parser.parse_args()
-    model_root = default_model_root().resolve()
+    model_root = Path(ModelSettings().model_root).resolve()
     fetch_sface_models(model_root)
     photo_dir = Path(os.environ.get("FACEMATCH_CACHE_DIR", REPO / ".cache")) / "photos"
     photos = fetch_sample_photos(photo_dir)

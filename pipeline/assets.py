@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.facelib.spec import SFACE_FILE, SFACE_SUBDIR, YUNET_FILE
 from pipeline.logs import setup_logging
+from pipeline.settings import LogSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -258,19 +259,14 @@ def fetch_sample_photos(cache_dir: Path) -> dict[str, Path]:
     return photos
 
 
-def default_model_root() -> Path:
-    """$FACEMATCH_MODEL_ROOT, else .cache/models (gitignored), as ModelSettings has it."""
-    return Path(os.environ.get("FACEMATCH_MODEL_ROOT") or ".cache/models")
-
-
 def models_fetch_main(argv: Sequence[str]) -> int:
     """`facematch models fetch [--model-root DIR] [--pack sface]`."""
     parser = argparse.ArgumentParser(prog="facematch models fetch")
     parser.add_argument("--model-root", type=Path, default=None)
     parser.add_argument("--pack", default="sface")
     args = parser.parse_args(list(argv))
-    setup_logging()
-    root = args.model_root or default_model_root()
+    setup_logging(LogSettings().log_level)
+    root = args.model_root or ModelSettings().model_root
     if args.pack != "sface":
         print(
             f"pack {args.pack!r} cannot be fetched: InsightFace packs are licensed for "
@@ -294,7 +290,7 @@ def photos_fetch_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="facematch photos fetch")
     parser.add_argument("--dir", type=Path, required=True)
     args = parser.parse_args(list(argv))
-    setup_logging()
+    setup_logging(LogSettings().log_level)
     try:
         paths = fetch_sample_photos(args.dir)
     except AssetError as exc:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "firestore-listener": ("pipeline.producers.listener:main", "publish Firestore photo changes"),
     "bulk-ingest": ("pipeline.producers.bulk:main", "publish every photo of one or all events"),
     "photo-worker": ("pipeline.producers.poll_worker:main", "poll Firestore for new photos"),
+    "keys": ("pipeline.matcher.auth:keys_main", "API keys: keys hash [KEY] (stdin if no KEY) [--role R]"),
 }
 
 

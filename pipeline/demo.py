@@ -21,9 +21,9 @@ import uuid
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from pipeline.assets import default_model_root, fetch_sample_photos, fetch_sface_models
+from pipeline.assets import fetch_sample_photos, fetch_sface_models
 from pipeline.devbroker import free_port, start_broker
-from pipeline.settings import KafkaSettings, TopicSettings
+from pipeline.settings import KafkaSettings, ModelSettings, TopicSettings
 from pipeline.stack import SERVICES, ServiceProcess, spawn, wait_ready
 from pipeline.topics import create_topics
 
@@ -98,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos-dir", type=Path,
                         default=Path(os.environ.get("FACEMATCH_CACHE_DIR", ".cache")) / "photos")
     args = parser.parse_args(argv)
-    model_root = default_model_root().resolve()
+    kafka, model_root = KafkaSettings(), ModelSettings().model_root.resolve()
     print("fetching (cached, hash-checked) the SFace models and the sample photos ...")
     fetch_sface_models(model_root)
     photos = fetch_sample_photos(args.photos_dir)
-    broker = None if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") else start_broker()
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or broker.bootstrap  # type: ignore[union-attr]
+    broker = None if "bootstrap_servers" in kafka.model_fields_set else start_broker()
+    if broker is not None:
+        kafka = kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
+    bootstrap = kafka.bootstrap_servers
     topics = TopicSettings(prefix=f"demo{uuid.uuid4().hex[:6]}.", partitions=4)
-    create_topics(KafkaSettings(bootstrap_servers=bootstrap), topics)
+    create_topics(kafka, topics)
     server, photo_base = serve_photos(args.photos_dir)
     port = free_port()
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FACEMATCH_TOPIC_PREFIX": topics.prefix,

@@ -27,6 +27,9 @@ def consumer_config(kafka: KafkaSettings, group_id: str, runner: RunnerSettings,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": kafka.session_timeout_ms,
         "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+        # The member is evicted (and its batch redone elsewhere) when poll() is
+        # not called for this long: one batch's handle() + flushes must fit in it.
+        "max.poll.interval.ms": runner.max_poll_interval_ms,
         # Range assigns the same partition numbers of co-partitioned topics to
         # the same member: the indexer relies on that for faces + requests.
         "partition.assignment.strategy": "range",

@@ -15,7 +15,18 @@ import numpy as np
 
 from pipeline.errors import PoisonRecord
 
-ID_PATTERN = re.compile(r"^[^/\x00]{1,256}$")
+# Ids become Kafka keys "event/photo" and appear in URL paths: no '/', no control
+# characters, not "." or ".." (a path segment a proxy or client would rewrite).
+ID_REGEX = r"^[^/\x00-\x1f\x7f]{1,256}$"
+ID_PATTERN = re.compile(ID_REGEX)
+ID_RULE = "1-256 characters, without '/' or control characters, and not '.' or '..'"
+
+
+def id_problem(value: object) -> str | None:
+    """Why value is not a valid event or photo id, or None if it is."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value) or value in (".", ".."):
+        return f"must be {ID_RULE} (got {value!r:.80})"
+    return None
 
 
 def now_ms() -> int:
@@ -31,10 +42,10 @@ def _ms(value: Any) -> int:
 
 
 def check_id(kind: str, value: str) -> str:
-    """Ids become Kafka keys 'event/photo', so '/' and NUL are refused."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise PoisonRecord(f"invalid_{kind}",
-                           f"{kind} must be 1-256 characters without '/' (got {value!r:.80})")
+    """The id, or PoisonRecord(invalid_<kind>) saying what the rule is."""
+    problem = id_problem(value)
+    if problem:
+        raise PoisonRecord(f"invalid_{kind}", f"{kind} {problem}")
     return value
 
 

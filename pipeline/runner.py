@@ -5,6 +5,18 @@ it produced is acknowledged by the brokers), commit on revoke and on stop,
 graceful stop on SIGTERM/SIGINT (finish the batch, flush, commit, close),
 poison records to the DLQ with reason headers, transient errors retried with
 bounded backoff then dead-lettered. Stages never see a Kafka object.
+
+Delivery is tracked per record: a record whose output can never be delivered
+(unknown topic or partition, too large) is dead-lettered as `delivery_failed`;
+any other delivery failure (broker trouble) stops the runner with the offsets
+of that record and the rest of its partition unstored, so they are redelivered.
+
+Retries never sleep on the poll thread: a transient failure pauses its
+partition and seeks it back to the failed record, which is handled again once
+the backoff has passed. Later records of that partition wait (per-partition
+order); other partitions keep flowing. Time blocked per batch is bounded by
+stage.handle(batch) + 2 x flush_timeout_s, which must stay well under
+max.poll.interval.ms or the member is evicted and its batch redone elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.deadletter import DeadLetterSource, dead_letter_output
 from pipeline.errors import PoisonRecord, TransientError
@@ -26,6 +38,17 @@ from pipeline.serde import SchemaRegistry
 from pipeline.settings import RunnerSettings
 
 logger = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+MAX_REWINDS = 3
+
+# Delivery errors that no retry fixes: the record is dead-lettered instead of
+# being redelivered forever (e.g. a reply topic or partition that does not exist).
+PERMANENT_DELIVERY_ERRORS = frozenset({
+    KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+    KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.INVALID_MSG_SIZE,
+})
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,18 @@ class Incoming:
 
 
 Outcome = list[Output] | BaseException
+
+
+class StageContractError(Exception):
+    """The stage returned a wrong number of outcomes for a single record."""
+
+    reason = "stage_contract"
+
+
+class DeliveryFailed(Exception):
+    """An output of the record can never be delivered (unknown topic/partition, too large)."""
+
+    reason = "delivery_failed"
 
 
 class Control(Protocol):
@@ -105,20 +140,84 @@ class BaseStage:
 
 
 class _KafkaControl:
+    """Pause bookkeeping shared by the stage and the runner's retry holds.
+
+    A partition is paused while either side wants it paused, so a stage's
+    resume never releases a retry hold, and releasing a hold never resumes a
+    partition the stage holds (e.g. the indexer's requests during replay).
+    """
+
     def __init__(self, consumer: Consumer) -> None:
         self._consumer = consumer
+        self.stage_paused: set[TP] = set()
+        self.runner_paused: set[TP] = set()
 
     def pause(self, topic: str, partition: int) -> None:
+        self.stage_paused.add((topic, partition))
         self._consumer.pause([TopicPartition(topic, partition)])
 
     def resume(self, topic: str, partition: int) -> None:
-        self._consumer.resume([TopicPartition(topic, partition)])
+        self.stage_paused.discard((topic, partition))
+        if (topic, partition) not in self.runner_paused:
+            self._consumer.resume([TopicPartition(topic, partition)])
+
+    def hold(self, key: TP) -> None:
+        self.runner_paused.add(key)
+        self._consumer.pause([TopicPartition(*key)])
+
+    def release(self, key: TP) -> None:
+        self.runner_paused.discard(key)
+        if key not in self.stage_paused:
+            self._consumer.resume([TopicPartition(*key)])
+
+    def forget(self, keys: Sequence[TP]) -> None:
+        """Revoked partitions come back unpaused on their next assignment."""
+        self.stage_paused.difference_update(keys)
+        self.runner_paused.difference_update(keys)
 
     def high_watermark(self, topic: str, partition: int) -> int:
         # The cached watermark comes with fetch responses; it is right on every
         # broker, while ListOffsets is not on some (see FACTS). -1 = unknown yet.
         low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
         return int(high) if high is not None and high >= 0 else -1
+
+
+@dataclass
+class _Hold:
+    """A partition rewound to `offset`, waiting until `not_before` (monotonic)."""
+
+    offset: int
+    attempts: int  # transient failures of the record at `offset` so far
+    delay_s: float
+    not_before: float
+    paused: bool = True
+    misses: int = 0  # batches of this partition that came without the held record
+
+
+@dataclass
+class _Track:
+    """Delivery state of one record's outputs (its DLQ record, once dead-lettered)."""
+
+    item: Incoming
+    attempts: int
+    dead_letter: bool
+    pending: int = 0
+    permanent: list[str] = field(default_factory=list)
+    transient: list[str] = field(default_factory=list)
+
+    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        self.pending -= 1
+        if err is not None:
+            self.failed(err, msg.topic(), msg.partition())
+
+    def failed(self, err: KafkaError, topic: str, partition: int | None) -> None:
+        where = topic if partition is None or partition < 0 else f"{topic}[{partition}]"
+        errors = self.permanent if err.code() in PERMANENT_DELIVERY_ERRORS else self.transient
+        errors.append(f"{where}: {err.name()}: {err.str()}")
+
+    @property
+    def delivered(self) -> bool:
+        return self.pending == 0 and not self.permanent and not self.transient
 
 
 def _incoming(msg: Message) -> Incoming:
@@ -140,11 +239,16 @@ class Runner:
         consumer_conf = dict(consumer_conf)
         consumer_conf["stats_cb"] = lambda s: metrics.update_lag_from_stats(self.group, s)
         consumer_conf["error_cb"] = lambda err: logger.warning("kafka: %s", err)
+        producer_conf = dict(producer_conf)
+        # Reply topics come from request headers: never create topics from
+        # them, and give up on unknown ones quickly (then dead-letter).
+        producer_conf.setdefault("allow.auto.create.topics", False)
+        producer_conf.setdefault("topic.metadata.propagation.max.ms", settings.unknown_topic_timeout_ms)
         self.consumer = Consumer(consumer_conf)
         self.producer = Producer(producer_conf)
         self.control = _KafkaControl(self.consumer)
+        self._holds: dict[TP, _Hold] = {}
         self._stopping = False
-        self._delivery_errors: list[str] = []
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish its batch and exit (signal-handler safe)."""
@@ -165,6 +269,7 @@ class Runner:
                 batch = self._poll_batch()
                 if batch:
                     self._process(batch)
+                self._release_due_holds()
                 self.stage.after_batch(self.control)
         finally:
             self._shutdown()
@@ -189,19 +294,55 @@ class Runner:
 
     def _process(self, messages: list[Message]) -> None:
         started = time.perf_counter()
-        batch = [_incoming(m) for m in messages]
-        outcomes = self._safe_handle(batch)
+        batch = self._admit([_incoming(m) for m in messages])
+        outcomes = self._safe_handle(batch) if batch else []
+        tracks: list[_Track] = []
+        held: set[TP] = set()
         for item, outcome in zip(batch, outcomes):
-            outcome, attempts = self._retry_transient(item, outcome)
-            if isinstance(outcome, BaseException):
-                self._dead_letter(item, outcome, attempts)
-            else:
-                for out in outcome:
-                    self._produce(out)
-                self.metrics.records.labels(self.stage.name, "ok").inc()
-        self._flush_or_raise()
-        self._store_offsets(batch)
+            key = (item.topic, item.partition)
+            if key in held:
+                continue  # waits behind the failed record: per-partition order
+            attempt = self._attempts_before(item) + 1
+            if isinstance(outcome, TransientError) and attempt < self.settings.max_attempts:
+                self.metrics.retries.labels(self.stage.name, outcome.reason).inc()
+                logger.info("%s: transient %s at %s[%d]@%d (attempt %d): %s", self.stage.name,
+                            outcome.reason, item.topic, item.partition, item.offset, attempt, outcome)
+                self._hold(item, attempt)
+                held.add(key)
+                continue
+            tracks.append(self._emit(item, outcome, attempt))
+        self._flush_and_dead_letter(tracks)
+        self._store_offsets(self._settle(tracks))
+        self._raise_if_undelivered(tracks)
         self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - started)
+
+    def _admit(self, items: list[Incoming]) -> list[Incoming]:
+        """Drop records of a held partition past its failed record; the seek refetches them."""
+        present = {(i.topic, i.partition, i.offset) for i in items}
+        rewound: set[TP] = set()
+        admitted = []
+        for item in items:
+            key = (item.topic, item.partition)
+            hold = self._holds.get(key)
+            if hold is None or item.offset <= hold.offset or (*key, hold.offset) in present:
+                admitted.append(item)
+            elif not hold.paused and key not in rewound:
+                # Fetched before the seek took effect, or the held record is gone
+                # (compaction, retention): rewind again, and give up after a few tries.
+                hold.misses += 1
+                if hold.misses > MAX_REWINDS:
+                    logger.warning("%s: %s[%d]@%d is gone; going on at %d", self.stage.name,
+                                   *key, hold.offset, item.offset)
+                    del self._holds[key]
+                    admitted.append(item)
+                else:
+                    rewound.add(key)
+                    self.consumer.seek(TopicPartition(*key, hold.offset))
+        return admitted
+
+    def _attempts_before(self, item: Incoming) -> int:
+        hold = self._holds.get((item.topic, item.partition))
+        return hold.attempts if hold is not None and hold.offset == item.offset else 0
 
     def _safe_handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
         try:
@@ -212,55 +353,109 @@ class Runner:
                 return [exc]
             return [self._safe_handle([item])[0] for item in batch]
         if len(outcomes) != len(batch):
-            raise RuntimeError(f"{self.stage.name} returned {len(outcomes)} outcomes for {len(batch)} records")
+            # Outcomes cannot be matched to records: redo them one by one, and
+            # dead-letter a record that alone still gets a wrong count.
+            message = f"{self.stage.name} returned {len(outcomes)} outcomes for {len(batch)} records"
+            logger.error("%s", message)
+            if len(batch) == 1:
+                return [StageContractError(message)]
+            return [self._safe_handle([item])[0] for item in batch]
         return outcomes
 
-    def _retry_transient(self, item: Incoming, outcome: Outcome) -> tuple[Outcome, int]:
-        """Retry while transient, with backoff; returns the last outcome and the attempts made."""
-        attempt, delay = 1, self.settings.backoff_initial_s
-        while isinstance(outcome, TransientError) and attempt < self.settings.max_attempts:
-            self.metrics.retries.labels(self.stage.name, outcome.reason).inc()
-            logger.info("%s: transient %s at %s[%d]@%d, retry %d in %.1fs", self.stage.name,
-                        outcome.reason, item.topic, item.partition, item.offset, attempt, delay)
-            time.sleep(delay)
-            self.producer.poll(0)
-            delay = min(delay * 2, self.settings.backoff_max_s)
-            attempt += 1
-            outcome = self._safe_handle([item])[0]
-        return outcome, attempt
+    def _hold(self, item: Incoming, attempts: int) -> None:
+        """Pause the partition and rewind it to `item`; it resumes after the backoff."""
+        key = (item.topic, item.partition)
+        previous = self._holds.get(key)
+        delay = self.settings.backoff_initial_s
+        if previous is not None and previous.offset == item.offset:
+            delay = min(previous.delay_s * 2, self.settings.backoff_max_s)
+        self._holds[key] = _Hold(item.offset, attempts, delay, time.monotonic() + delay)
+        self.control.hold(key)
+        # Without the seek the consumer would go on after the failed record.
+        self.consumer.seek(TopicPartition(item.topic, item.partition, item.offset))
 
-    def _dead_letter(self, item: Incoming, error: BaseException, attempts: int) -> None:
+    def _release_due_holds(self) -> None:
+        now = time.monotonic()
+        for key, hold in self._holds.items():
+            if hold.paused and now >= hold.not_before:
+                hold.paused = False
+                self.control.release(key)
+
+    def _emit(self, item: Incoming, outcome: Outcome, attempts: int) -> _Track:
+        track = _Track(item, attempts, dead_letter=isinstance(outcome, BaseException))
+        if isinstance(outcome, BaseException):
+            self._dead_letter(track, outcome)
+        else:
+            for out in outcome:
+                self._produce(track, out)
+        return track
+
+    def _dead_letter(self, track: _Track, error: BaseException) -> None:
+        item = track.item
         reason = getattr(error, "reason", None) or "unexpected_error"
-        if not isinstance(error, (PoisonRecord, TransientError)):
+        if not isinstance(error, (PoisonRecord, TransientError, DeliveryFailed)):
             logger.error("%s: unexpected %r at %s[%d]@%d", self.stage.name, error,
                          item.topic, item.partition, item.offset)
         else:
             logger.warning("%s: dead-letter %s at %s[%d]@%d: %s", self.stage.name, reason,
                            item.topic, item.partition, item.offset, error)
         source = DeadLetterSource(item.topic, item.partition, item.offset, item.key, item.value)
-        self._produce(dead_letter_output(self.serde, self.dlq_topic, self.stage.name, source,
-                                         reason, error, attempts))
+        self._produce(track, dead_letter_output(self.serde, self.dlq_topic, self.stage.name, source,
+                                                reason, error, track.attempts))
+        track.dead_letter = True
         self.metrics.dead_letters.labels(self.stage.name, reason).inc()
-        self.metrics.records.labels(self.stage.name, "dead_letter").inc()
 
-    def _produce(self, out: Output) -> None:
-        produce_with_retry(self.producer, out, self._on_delivery)
+    def _produce(self, track: _Track, out: Output) -> None:
+        try:
+            produce_with_retry(self.producer, out, track.on_delivery)
+            track.pending += 1
+        except KafkaException as exc:  # refused locally (too large, unknown partition)
+            track.failed(exc.args[0], out.topic, out.partition)
 
-    def _on_delivery(self, err: Any, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
+    def _flush_and_dead_letter(self, tracks: Sequence[_Track]) -> None:
+        """Wait for the acks; dead-letter records whose outputs can never be delivered."""
+        self.producer.flush(self.settings.flush_timeout_s)
+        undeliverable = [t for t in tracks if t.permanent and not t.transient and not t.dead_letter]
+        for track in undeliverable:
+            error = DeliveryFailed("; ".join(track.permanent)[:500])
+            track.permanent = []  # outputs still in flight keep counting in `pending`
+            self._dead_letter(track, error)
+        if undeliverable:
+            self.producer.flush(self.settings.flush_timeout_s)
 
-    def _flush_or_raise(self) -> None:
-        remaining = self.producer.flush(30)
-        if remaining or self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
-            # Offsets are not stored, so the batch is redelivered after restart.
-            raise KafkaException(f"{remaining} outputs unacknowledged; delivery errors: {errors[:3]}")
+    def _settle(self, tracks: Sequence[_Track]) -> list[Incoming]:
+        """Records whose outputs are all acked, up to the first undelivered one per partition."""
+        done: list[Incoming] = []
+        stalled: set[TP] = set()
+        for track in tracks:
+            key = (track.item.topic, track.item.partition)
+            if key in stalled or not track.delivered:
+                stalled.add(key)
+                continue
+            hold = self._holds.get(key)
+            if hold is not None and hold.offset <= track.item.offset:
+                del self._holds[key]  # the held record made it; later ones may be held anew
+            self.metrics.records.labels(self.stage.name, "dead_letter" if track.dead_letter else "ok").inc()
+            done.append(track.item)
+        return done
+
+    def _raise_if_undelivered(self, tracks: Sequence[_Track]) -> None:
+        """Broker trouble: stop with the rest unstored, so it is redelivered after the restart.
+
+        Not retried in-process: stateful stages (the indexer) have already applied
+        these records, and only a restart replays them from a consistent point.
+        """
+        failed = [t for t in tracks if not t.delivered]
+        if failed:
+            errors = [e for t in failed for e in t.transient + t.permanent][:3]
+            raise KafkaException(f"{len(failed)} records' outputs unacknowledged; delivery errors: {errors}")
 
     def _store_offsets(self, batch: Sequence[Incoming]) -> None:
-        highest: dict[tuple[str, int], int] = {}
+        highest: dict[TP, int] = {}
         for item in batch:
             highest[(item.topic, item.partition)] = max(highest.get((item.topic, item.partition), -1), item.offset)
+        if not highest:
+            return
         tps = [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
         try:
             self.consumer.store_offsets(offsets=tps)
@@ -277,16 +472,23 @@ class Runner:
         consumer.assign(partitions)
         self.stage.after_assign(keys, self.control)
 
+    def _forget(self, keys: list[TP]) -> None:
+        for key in keys:
+            self._holds.pop(key, None)
+        self.control.forget(keys)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         logger.info("%s: revoked %s", self.stage.name, keys)
         self.stage.on_revoke(keys)
+        self._forget(keys)
         self._commit_sync()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         logger.warning("%s: lost %s (no commit: another member owns them)", self.stage.name, keys)
         self.stage.on_revoke(keys)
+        self._forget(keys)
 
     def _commit_sync(self) -> None:
         try:
@@ -297,9 +499,8 @@ class Runner:
     def _shutdown(self) -> None:
         logger.info("%s: stopping: flush, commit, close", self.stage.name)
         try:
-            self.producer.flush(30)
+            self.producer.flush(self.settings.flush_timeout_s)
             self.stage.close()
             self._commit_sync()
         finally:
             self.consumer.close()
-

@@ -39,6 +39,14 @@ class KafkaSettings(BaseSettings):
         return conf
 
 
+class LogSettings(BaseSettings):
+    """The log level (FACEMATCH_LOG_LEVEL); main() builds it and passes the level to setup_logging."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_", frozen=True)
+
+    log_level: str = "INFO"
+
+
 class TopicSettings(BaseSettings):
     """Topic names and sizes (FACEMATCH_TOPIC_*)."""
 
@@ -49,7 +57,8 @@ class TopicSettings(BaseSettings):
     replication_factor: int = 1
     reply_partitions: int = 4
     dlq_partitions: int = 3
-    request_retention_ms: int = 3_600_000
+    # Match requests carry selfie embeddings: kept minutes, not days (pipeline/topics.py derives the bound).
+    request_retention_ms: int = 120_000
 
     @property
     def photo_events(self) -> str:
@@ -100,6 +109,12 @@ class RunnerSettings(BaseSettings):
     backoff_max_s: float = 5.0
     fetch_wait_max_ms: int = 5
     stats_interval_ms: int = 5000
+    # A batch blocks the poll thread for stage.handle() + up to 2 x flush_timeout_s
+    # (retries never sleep there); keep that well under max_poll_interval_ms.
+    max_poll_interval_ms: int = 300_000
+    flush_timeout_s: float = 30.0
+    # How long an output to a topic the brokers do not know waits before it is dead-lettered.
+    unknown_topic_timeout_ms: int = 5000
 
 
 class EmbedderSettings(BaseSettings):
@@ -141,5 +156,6 @@ class BridgeSettings(BaseSettings):
     http_port: int = 5000
     bridge_reply_partition: int = 0
     bridge_timeout_s: float = 5.0
+    bridge_publish_timeout_s: float = 5.0  # broker unreachable this long: 503 + Retry-After
     bridge_max_image_bytes: int = 10 * 1024 * 1024
-    api_keys: str = ""  # "key:role:event,event;key2:admin:*" — empty disables auth
+    api_keys: str = ""  # "sha256:<hex>:role:event,event;..." (`facematch keys hash`); empty disables auth

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.devbroker import start_broker
+from pipeline.logs import setup_logging
+from pipeline.settings import BridgeSettings, KafkaSettings, LogSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
 
@@ -107,31 +109,31 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def up(run_dir: Path, port: int, timeout_s: float, durable_dir: Path | None = None) -> int:
-    """Start broker (unless KAFKA_BOOTSTRAP_SERVERS), topics, services; wait for /health."""
-    from pipeline.settings import KafkaSettings, TopicSettings
+def up(run_dir: Path, port: int, timeout_s: float, kafka: KafkaSettings, topics: TopicSettings,
+       durable_dir: Path | None = None) -> int:
+    """Start a broker (unless kafka names one), topics, services; wait for /health."""
     from pipeline.topics import create_topics
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("FACEMATCH_HTTP_PORT", str(port))
-    if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+    env = dict(os.environ)  # the services' own environment: they build their settings from it
+    env["FACEMATCH_HTTP_PORT"] = str(port)
+    if "bootstrap_servers" not in kafka.model_fields_set:
         broker = start_broker(log_path=run_dir / "broker.log", outlive_parent=True, durable_dir=durable_dir)
         (run_dir / "broker.pid").write_text(str(broker.process.pid))
         if broker.s3_process is not None:
             (run_dir / "s3.pid").write_text(str(broker.s3_process.pid))
+        kafka = kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
         env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
         print(f"embedded broker at {broker.bootstrap} (pid {broker.process.pid})")
-    (run_dir / "bootstrap").write_text(env["KAFKA_BOOTSTRAP_SERVERS"])
-    kafka = KafkaSettings(bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
-    create_topics(kafka, TopicSettings())
+    (run_dir / "bootstrap").write_text(kafka.bootstrap_servers)
+    create_topics(kafka, topics)
     procs = []
     for name, module in SERVICES:
         proc = spawn(name, module, env, run_dir)
         (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
         procs.append(proc)
         print(f"{name} started (pid {proc.process.pid}, log {proc.log_path})")
-    url = f"http://127.0.0.1:{env['FACEMATCH_HTTP_PORT']}"
+    url = f"http://127.0.0.1:{port}"
     health = wait_ready(url, timeout_s, procs)
     print(f"ready: {url} (embedding_dim {health['embedding_dim']}, model {health['models']['model_id']})")
     return 0
@@ -163,15 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="facematch stack")
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
-    parser.add_argument("--port", type=int, default=int(os.environ.get("FACEMATCH_HTTP_PORT", "5000")))
+    parser.add_argument("--port", type=int, default=None, help="the bridge's port (default: FACEMATCH_HTTP_PORT)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--durable-dir", type=Path, default=None,
                         help="embedded broker keeps its data in SeaweedFS S3 under this folder")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    setup_logging(LogSettings().log_level)
     if args.action == "up":
+        port = args.port or BridgeSettings().http_port
         try:
-            return up(args.run_dir, args.port, args.timeout, args.durable_dir)
+            return up(args.run_dir, port, args.timeout, KafkaSettings(), TopicSettings(), args.durable_dir)
         except Exception:
             down(args.run_dir)
             raise

@@ -13,6 +13,30 @@ from pipeline.settings import KafkaSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
 
+# Retention bounds for personal data (docs/retention.md derives the end-to-end bounds).
+#
+# faces (compacted): an event delete writes a tombstone per photo. The cleaner never
+# touches the active segment, and a segment rolls on the first append after
+# min(segment.ms, max.compaction.lag.ms), so superseded faces are removed within
+# FACES_MAX_COMPACTION_LAG_MS (+ cleaner back-off) of the partition's next write.
+# Tombstones then stay FACES_DELETE_RETENTION_MS, so any indexer whose snapshot is
+# younger than that replays them; SNAPSHOT_MAX_AGE_S keeps a safety margin of half.
+FACES_SEGMENT_MS = 3_600_000
+FACES_MAX_COMPACTION_LAG_MS = 3_600_000
+FACES_MIN_COMPACTION_LAG_MS = 0
+FACES_DELETE_RETENTION_MS = 86_400_000
+SNAPSHOT_MAX_AGE_S = FACES_DELETE_RETENTION_MS / 1000 / 2
+
+# match-requests carry a selfie's embedding (biometric data) and match-replies name
+# the photos it matched; both are useless once the bridge has timed out (seconds).
+# Kafka deletes whole segments whose newest record is older than retention.ms, so a
+# short segment.ms is what bounds them: a record is gone within
+# segment.ms + retention.ms + the broker's log.retention.check.interval.ms (5 min
+# default) + file.delete.delay.ms (1 min default), about 9 minutes with these values.
+# TopicSettings.request_retention_ms can lower the retention, never raise it above this.
+REQUEST_RETENTION_MS = 120_000
+REQUEST_SEGMENT_MS = 60_000
+
 
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 (the Java client's Utils.murmur2), as a signed 32-bit int."""
@@ -57,12 +81,18 @@ class TopicSpec:
 
 def topic_specs(topics: TopicSettings) -> list[TopicSpec]:
     """Every topic of the pipeline with its partitions and configs."""
-    short = {"cleanup.policy": "delete", "retention.ms": str(topics.request_retention_ms)}
+    retention_ms = min(topics.request_retention_ms, REQUEST_RETENTION_MS)
+    short = {"cleanup.policy": "delete", "retention.ms": str(retention_ms),
+             "segment.ms": str(min(REQUEST_SEGMENT_MS, retention_ms))}
+    compacted = {"cleanup.policy": "compact", "segment.ms": str(FACES_SEGMENT_MS),
+                 "min.compaction.lag.ms": str(FACES_MIN_COMPACTION_LAG_MS),
+                 "max.compaction.lag.ms": str(FACES_MAX_COMPACTION_LAG_MS),
+                 "delete.retention.ms": str(FACES_DELETE_RETENTION_MS)}
     return [
         TopicSpec(topics.photo_events, topics.partitions, {"cleanup.policy": "delete"}),
         # The faces topic is the indexes' changelog: compaction keeps the latest
         # faces of each photo and tombstones erase photos, so replay rebuilds state.
-        TopicSpec(topics.faces, topics.partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(topics.faces, topics.partitions, compacted),
         TopicSpec(topics.match_requests, topics.partitions, short),
         TopicSpec(topics.match_replies, topics.reply_partitions, short),
         TopicSpec(topics.dlq, topics.dlq_partitions, {"cleanup.policy": "delete"}),
@@ -70,7 +100,11 @@ def topic_specs(topics: TopicSettings) -> list[TopicSpec]:
 
 
 def create_topics(kafka: KafkaSettings, topics: TopicSettings, timeout_s: float = 30.0) -> dict[str, str]:
-    """Create every topic; existing ones are left alone (idempotent)."""
+    """Create every topic; existing ones are left alone (idempotent).
+
+    Configs apply at creation only: an existing topic keeps its configs, so a
+    deployment created before these bounds needs `kafka-configs --alter` (docs/retention.md).
+    """
     admin = AdminClient(kafka.to_librdkafka())
     new = [NewTopic(s.name, s.partitions, topics.replication_factor, config=s.config)
            for s in topic_specs(topics)]

@@ -18,7 +18,6 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -144,29 +143,3 @@ def firestore_db(firestore_project: str) -> Iterator[Any]:
     yield client
     client.close()
 
-
-class FakeWatch:
-    """What the listener's watchdog reads of the SDK's google.cloud.firestore_v1.watch.Watch."""
-
-    def __init__(self, closed: bool = False) -> None:
-        self._closed, self.is_active, self.current, self.unsubscribed = closed, not closed, True, False
-        self._consumer = SimpleNamespace(_on_response=lambda response: None)
-
-    def message(self) -> None:
-        """The server sent something on the stream."""
-        self._consumer._on_response(object())
-
-    def unsubscribe(self) -> None:
-        self.unsubscribed = True
-
-
-class FakeQuery:
-    """A query whose on_snapshot hands out FakeWatches: no emulator, no callbacks."""
-
-    def __init__(self) -> None:
-        self.watches: list[FakeWatch] = []
-        self.broken = False  # new watches come already closed by the SDK
-
-    def on_snapshot(self, callback: Any) -> FakeWatch:
-        self.watches.append(FakeWatch(closed=self.broken))
-        return self.watches[-1]

@@ -64,6 +64,15 @@ class EmbedderCore:
         self._pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self.last_fetch_s = self.last_model_s = 0.0  # timings of the latest batch, for metrics
 
+    @property
+    def active_spec(self) -> ModelSpec:
+        """What faces records claim: the loaded model's spec (a pack corrects it on load), else the declared one.
+
+        Precomputed faces get it too: the producer promises they come from this
+        pipeline's model, and the indexer refuses faces of any other model_id.
+        """
+        return self.model.spec if self.model is not None else self.spec
+
     def process(self, events: Sequence[PhotoEvent]) -> list[Result]:
         """One result per event, in order; failures are returned, not raised."""
         results: list[Result | None] = [None] * len(events)
@@ -85,13 +94,14 @@ class EmbedderCore:
     def _without_model(self, event: PhotoEvent) -> FacesChange | None:
         check_id("event_id", event.event_id)
         if event.op == "DELETE_EVENT":
-            return PhotoFaces(event_id=event.event_id, photo_id="", model_id=self.spec.model_id,
-                              dim=self.spec.dim, op="DELETE_EVENT", occurred_at=event.occurred_at)
+            spec = self.active_spec
+            return PhotoFaces(event_id=event.event_id, photo_id="", model_id=spec.model_id,
+                              dim=spec.dim, op="DELETE_EVENT", occurred_at=event.occurred_at)
         check_id("photo_id", event.photo_id)
         if event.op == "DELETE":
             return Tombstone(event.event_id, event.photo_id)
         if event.faces is not None:
-            return precomputed_faces(event, self.spec)
+            return precomputed_faces(event, self.active_spec)
         if not event.image_url:
             raise PoisonRecord("no_image", "photo event has neither image_url nor precomputed faces")
         if self.model is None or self.fetch is None or self.decode is None:
@@ -109,14 +119,15 @@ class EmbedderCore:
         if not ok:
             return results
         images = [decoded[i] for i in ok]
+        spec = self.active_spec
         started = time.perf_counter()
         all_faces = self.model.detect_and_embed([img.bgr for img in images])  # type: ignore[union-attr]
         self.last_model_s = time.perf_counter() - started
         for i, image, faces in zip(ok, images, all_faces, strict=True):
             event = events[i]
             results[i] = PhotoFaces(
-                event_id=event.event_id, photo_id=event.photo_id, model_id=self.spec.model_id,
-                dim=self.spec.dim, image_url=event.image_url, occurred_at=event.occurred_at,
+                event_id=event.event_id, photo_id=event.photo_id, model_id=spec.model_id,
+                dim=spec.dim, image_url=event.image_url, occurred_at=event.occurred_at,
                 faces=[_to_original(f, image.scale) for f in faces])  # type: ignore[union-attr]
         return results
 

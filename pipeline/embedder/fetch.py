@@ -22,6 +22,7 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
+from pipeline.compat import response_socket
 from pipeline.errors import PoisonRecord, TransientError
 
 logger = logging.getLogger(__name__)
@@ -399,12 +400,7 @@ class ImageFetcher:
 
 def _set_read_timeout(response: requests.Response, timeout: float) -> None:
     """Shrink the socket timeout so one slow recv cannot outlive the overall deadline."""
-    raw = response.raw
-    conn = getattr(raw, "connection", None)
-    sock = getattr(conn, "sock", None)
-    if sock is None:
-        # http.client drops conn.sock for "Connection: close" replies; the response file still holds it.
-        sock = getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+    sock = response_socket(response.raw)
     if sock is not None:
         sock.settimeout(timeout)
 

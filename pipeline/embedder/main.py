@@ -15,7 +15,7 @@ from pipeline.logs import setup_logging
 from pipeline.metrics import create_metrics, serve_metrics
 from pipeline.runner import Runner
 from pipeline.serde import SchemaRegistry
-from pipeline.settings import EmbedderSettings, KafkaSettings, ModelSettings, RunnerSettings, TopicSettings
+from pipeline.settings import EmbedderSettings, KafkaSettings, LogSettings, ModelSettings, RunnerSettings, TopicSettings
 from pipeline.topics import partition_count
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def build_core(model_settings: ModelSettings, embedder: EmbedderSettings) -> Emb
 
 def main(argv: list[str] | None = None) -> int:
     """`facematch embedder`."""
-    setup_logging()
+    setup_logging(LogSettings().log_level)
     kafka, topics, runner_settings = KafkaSettings(), TopicSettings(), RunnerSettings()
     embedder = EmbedderSettings()
     from pipeline.facelib.model import ModelUnavailable

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 from pipeline.embedder.core import EmbedderCore, Tombstone
 from pipeline.errors import PoisonRecord
+from pipeline.kafka import Output
 from pipeline.metrics import Metrics
 from pipeline.records import PhotoEvent, faces_key
-from pipeline.runner import BaseStage, Incoming, Outcome, Output
+from pipeline.runner import BaseStage, Incoming, Outcome
 from pipeline.serde import PHOTO_EVENT, PHOTO_FACES, SchemaRegistry
 from pipeline.topics import partition_for
 

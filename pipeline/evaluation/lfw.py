@@ -215,14 +215,12 @@ def format_report(report: LfwReport) -> str:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    from pipeline.assets import default_model_root
-
+def _parser(model_root: Path) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facematch eval lfw", description="LFW 10-fold face verification")
     parser.add_argument("--dir", type=Path, required=True, help="LFW folder: <Name>/<Name>_0001.jpg")
     parser.add_argument("--pairs", type=Path, default=None, help="pairs.txt (default: DIR/pairs.txt)")
     parser.add_argument("--model", default="sface")
-    parser.add_argument("--model-root", type=Path, default=default_model_root())
+    parser.add_argument("--model-root", type=Path, default=model_root)
     parser.add_argument("--det-threshold", type=float, default=None, help="default: the pack's own")
     parser.add_argument("--batch", type=int, default=BATCH_IMAGES, help="images per model call")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -233,9 +231,10 @@ def lfw_main(argv: Sequence[str]) -> int:
     """`facematch eval lfw --dir DIR [--pairs FILE] [--model sface] [--model-root DIR] [--json OUT]`."""
     from pipeline.facelib.packs import load_model
     from pipeline.logs import setup_logging
+    from pipeline.settings import LogSettings, ModelSettings
 
-    args = _parser().parse_args(list(argv))
-    setup_logging()
+    args = _parser(ModelSettings().model_root).parse_args(list(argv))
+    setup_logging(LogSettings().log_level)
     try:
         pairs = parse_pairs((args.pairs or args.dir / "pairs.txt").read_text())
         model = load_model(args.model, args.model_root, det_threshold=args.det_threshold)

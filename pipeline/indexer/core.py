@@ -8,13 +8,18 @@ from dataclasses import dataclass, replace
 from pipeline.errors import PoisonRecord
 from pipeline.facelib.vectors import InvalidEmbedding, normalize_embedding
 from pipeline.indexer.event_index import EventIndex
-from pipeline.indexer.state import PartitionState
+from pipeline.indexer.state import PartitionState, photo_key
 from pipeline.records import MatchReply, MatchRequest, PhotoFaces
 
 
 @dataclass(frozen=True)
 class IndexerConfig:
-    """What the core needs to know about the model and limits."""
+    """What the core needs to know about the model and limits.
+
+    `model_id` is the one model this indexer serves: faces made by any other
+    model (even of the same dimension) are refused as `model_mismatch`, since
+    cosine scores between two models' embeddings mean nothing.
+    """
 
     dim: int
     model_id: str
@@ -30,9 +35,13 @@ class IndexerCore:
         self.partitions: dict[int, PartitionState] = {}
 
     def apply_faces(self, partition: int, offset: int, event_id: str, photo_id: str | None,
-                    faces: PhotoFaces | None) -> None:
-        """Apply one faces-topic record (faces=None is a tombstone: delete the photo)."""
-        self._apply(self._state(partition), event_id, photo_id, faces)
+                    faces: PhotoFaces | None) -> list[str]:
+        """Apply one faces-topic record (faces=None is a tombstone: delete the photo).
+
+        Returns the photo ids an event delete removed: each needs a tombstone
+        on the faces topic, so compaction erases the photo's faces there too.
+        """
+        return self._apply(self._state(partition), offset, event_id, photo_id, faces)
 
     def cover(self, partition: int, offset: int) -> None:
         """Mark a faces offset as handled, applied or rejected (replay moves past it)."""
@@ -44,25 +53,64 @@ class IndexerCore:
     def _state(self, partition: int) -> PartitionState:
         return self.partitions.setdefault(partition, PartitionState(partition))
 
-    def _apply(self, state: PartitionState, event_id: str, photo_id: str | None,
-               faces: PhotoFaces | None) -> None:
+    def _apply(self, state: PartitionState, offset: int, event_id: str, photo_id: str | None,
+               faces: PhotoFaces | None) -> list[str]:
         if faces is None:
-            index = state.events.get(event_id)
-            if photo_id and index is not None:
-                index.delete(photo_id)
-                if index.photos == 0:
-                    del state.events[event_id]
-            return
+            if photo_id:
+                self._delete_photo(state, offset, event_id, photo_id)
+            return []
         if faces.op == "DELETE_EVENT":
-            state.events.pop(event_id, None)
-            return
-        if faces.dim != self.config.dim:
-            raise PoisonRecord("dim_mismatch", f"faces of {faces.model_id} have dim {faces.dim}; "
-                               f"this indexer serves {self.config.model_id} ({self.config.dim}-d)")
+            return self._delete_event(state, offset, event_id)
+        if state.superseded(offset, event_id, faces.photo_id):
+            return []  # older than a delete this state has seen: never bring it back
+        self._check_model(faces)
         index = state.events.get(event_id)
+        if index is not None and index.model_id != faces.model_id:
+            raise PoisonRecord("model_mismatch", f"event {event_id} is indexed with {index.model_id}; "
+                               f"faces of {faces.model_id} cannot join it")
         if index is None:
             index = state.events[event_id] = EventIndex(self.config.dim, faces.model_id)
         index.upsert(faces.photo_id, faces.faces)
+        state.deleted_photos.pop(photo_key(event_id, faces.photo_id), None)
+        return []
+
+    def _check_model(self, faces: PhotoFaces) -> None:
+        if faces.model_id != self.config.model_id:
+            raise PoisonRecord("model_mismatch", f"faces of {faces.model_id} ({faces.dim}-d); this indexer "
+                               f"serves {self.config.model_id} ({self.config.dim}-d)")
+        if faces.dim != self.config.dim:
+            raise PoisonRecord("dim_mismatch", f"faces of {faces.model_id} have dim {faces.dim}; "
+                               f"this indexer serves {self.config.model_id} ({self.config.dim}-d)")
+
+    @staticmethod
+    def _delete_photo(state: PartitionState, offset: int, event_id: str, photo_id: str) -> None:
+        pending = state.pending_tombstones.get(event_id)
+        if pending is not None:
+            pending.discard(photo_id)  # our tombstone is on the topic now
+            if not pending:
+                del state.pending_tombstones[event_id]
+        index = state.events.get(event_id)
+        if index is None or not index.delete(photo_id):
+            return
+        state.deleted_photos[photo_key(event_id, photo_id)] = offset
+        if index.photos == 0:
+            del state.events[event_id]
+
+    @staticmethod
+    def _delete_event(state: PartitionState, offset: int, event_id: str) -> list[str]:
+        # A redelivered delete (its tombstones not acknowledged) returns the photos
+        # still pending again. Replay from a snapshot re-applies it: photos the
+        # snapshot still holds get tombstones again, photos already gone get none.
+        index = state.events.pop(event_id, None)
+        erased = set(index.photo_faces) if index is not None else set()
+        erased |= state.pending_tombstones.get(event_id, set())
+        if erased:
+            state.pending_tombstones[event_id] = erased
+        state.deleted_events[event_id] = max(offset, state.deleted_events.get(event_id, -1))
+        prefix = photo_key(event_id, "")
+        for key in [k for k in state.deleted_photos if k.startswith(prefix)]:
+            del state.deleted_photos[key]  # the event's delete (a later offset) covers them
+        return sorted(erased)
 
     def answer(self, partition: int, request: MatchRequest) -> MatchReply:
         """Match one query against its event; errors become ERROR replies."""

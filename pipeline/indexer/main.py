@@ -17,7 +17,7 @@ from pipeline.logs import setup_logging
 from pipeline.metrics import create_metrics, serve_metrics
 from pipeline.runner import Runner
 from pipeline.serde import SchemaRegistry
-from pipeline.settings import IndexerSettings, KafkaSettings, ModelSettings, RunnerSettings, TopicSettings
+from pipeline.settings import IndexerSettings, KafkaSettings, LogSettings, ModelSettings, RunnerSettings, TopicSettings
 from pipeline.topics import check_copartitioned
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     """`facematch indexer`."""
-    setup_logging()
+    setup_logging(LogSettings().log_level)
     kafka, topics, runner_settings = KafkaSettings(), TopicSettings(), RunnerSettings()
     settings, model = IndexerSettings(), ModelSettings()
     faiss.omp_set_num_threads(1)  # single queries are 15x slower with 2 OpenMP threads

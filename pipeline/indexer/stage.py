@@ -19,15 +19,30 @@ from confluent_kafka import OFFSET_BEGINNING
 from pipeline.errors import PoisonRecord
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
 from pipeline.indexer.core import IndexerCore
-from pipeline.indexer.state import load_snapshot, save_snapshot, snapshot_path
+from pipeline.indexer.state import load_snapshot, remove_stale_snapshots, save_snapshot, snapshot_path
+from pipeline.kafka import Output
 from pipeline.metrics import Metrics
-from pipeline.records import MatchRequest, PhotoFaces, now_ms, parse_faces_key
-from pipeline.runner import BaseStage, Control, Incoming, Outcome, Output
+from pipeline.records import MatchRequest, PhotoFaces, faces_key, now_ms, parse_faces_key
+from pipeline.runner import BaseStage, Control, Incoming, Outcome
 from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
-from pipeline.topics import partition_for
+from pipeline.topics import SNAPSHOT_MAX_AGE_S, partition_for
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_TTL_MS = 30_000  # deadline of a request that names none, from its timestamp
+
+
+def _reply_partition(raw: bytes | None) -> int | None:
+    """The kafka_replyPartition header (4-byte big-endian); None lets the partitioner choose."""
+    if not raw:
+        return None
+    if len(raw) != 4:
+        raise PoisonRecord("bad_reply_partition", f"{REPLY_PARTITION} must be 4 bytes, got {len(raw)}")
+    partition = int(struct.unpack(">i", raw)[0])
+    if partition < 0:
+        raise PoisonRecord("bad_reply_partition", f"{REPLY_PARTITION} is negative: {partition}")
+    return partition
 
 
 class IndexerStage(BaseStage):
@@ -40,6 +55,7 @@ class IndexerStage(BaseStage):
         self.core, self.serde, self.topics, self.partitions = core, serde, topics, partitions
         self.settings, self.metrics = settings, metrics
         self.replaying: set[int] = set()
+        self._last_sweep = 0.0
 
     # -- records -------------------------------------------------------------
     def handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
@@ -48,8 +64,7 @@ class IndexerStage(BaseStage):
         for item in batch:
             try:
                 if item.topic == self.topics.faces:
-                    self._apply(item)
-                    outcomes.append([])
+                    outcomes.append(self._apply(item))
                 else:
                     outcomes.append(self._answer(item))
             except PoisonRecord as exc:
@@ -57,7 +72,7 @@ class IndexerStage(BaseStage):
         self._update_gauges()
         return outcomes
 
-    def _apply(self, item: Incoming) -> None:
+    def _apply(self, item: Incoming) -> list[Output]:
         try:
             event_id, photo_id = parse_faces_key(item.key)
             if partition_for(event_id, self.partitions) != item.partition:
@@ -66,19 +81,27 @@ class IndexerStage(BaseStage):
             faces = None
             if item.value is not None:
                 faces = PhotoFaces.from_avro(self.serde.decode(PHOTO_FACES, item.value))
-            self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces)
+            erased = self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces)
         finally:
             self.core.cover(item.partition, item.offset)
             if item.partition in self.replaying:
                 self.metrics.replay_records.inc()
+        if erased:
+            logger.info("event %s deleted: tombstoning %d photos", event_id, len(erased))
+        return [Output(self.topics.faces, faces_key(event_id, photo), None, item.partition) for photo in erased]
 
     def _answer(self, item: Incoming) -> list[Output]:
         reply_topic = item.headers.get(REPLY_TOPIC)
         correlation = item.headers.get(CORRELATION)
         if not reply_topic or not correlation:
             raise PoisonRecord("no_reply_topic", f"match request lacks {REPLY_TOPIC}/{CORRELATION} headers")
+        partition = _reply_partition(item.headers.get(REPLY_PARTITION))
         request = MatchRequest.from_avro(self.serde.decode(MATCH_REQUEST, item.value))
-        if request.deadline_ms and request.deadline_ms < now_ms():
+        # A request without a deadline still expires: after an outage nobody
+        # waits for answers to requests queued long ago.
+        received = item.timestamp_ms if item.timestamp_ms > 0 else now_ms()
+        deadline = request.deadline_ms or received + DEFAULT_REQUEST_TTL_MS
+        if deadline < now_ms():
             self.metrics.records.labels(self.name, "expired").inc()
             return []  # the caller has given up (HTTP 504 already sent)
         started = time.perf_counter()
@@ -89,8 +112,6 @@ class IndexerStage(BaseStage):
         else:
             reply = self.core.answer(item.partition, request)
         self.metrics.match_seconds.observe(time.perf_counter() - started)
-        raw_partition = item.headers.get(REPLY_PARTITION)
-        partition = struct.unpack(">i", raw_partition)[0] if raw_partition and len(raw_partition) == 4 else None
         return [Output(reply_topic.decode(), item.key, self.serde.encode(MATCH_REPLY, reply.to_avro()),
                        partition=partition, headers=[(CORRELATION, correlation)])]
 
@@ -102,7 +123,8 @@ class IndexerStage(BaseStage):
             if topic != self.topics.faces:
                 continue
             path = snapshot_path(self.settings.state_dir, topic, partition)
-            state = load_snapshot(path, partition, self.core.config.dim)
+            state = load_snapshot(path, partition, self.core.config.dim, self.core.config.model_id,
+                                  SNAPSHOT_MAX_AGE_S)
             if state is None:
                 self.core.drop(partition)
                 starts[(topic, partition)] = OFFSET_BEGINNING
@@ -133,8 +155,13 @@ class IndexerStage(BaseStage):
         now = time.monotonic()
         for state in list(self.core.partitions.values()):
             due = now - state.last_snapshot >= self.settings.snapshot_interval_s
-            if due and state.dirty_records >= self.settings.snapshot_min_records:
-                self._snapshot(state.partition)
+            # A quiet partition's snapshot is refreshed too, so it never ages past SNAPSHOT_MAX_AGE_S.
+            stale = now - state.last_snapshot >= SNAPSHOT_MAX_AGE_S / 2 and state.partition not in self.replaying
+            if (due and state.dirty_records >= self.settings.snapshot_min_records) or stale:
+                self._snapshot(state.partition, force=stale)
+        if now - self._last_sweep >= self.settings.snapshot_interval_s:
+            self._last_sweep = now
+            self._sweep_snapshots()
 
     def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
         """Snapshot and drop what we no longer own."""
@@ -150,12 +177,24 @@ class IndexerStage(BaseStage):
         for partition in list(self.core.partitions):
             self._snapshot(partition)
 
-    def _snapshot(self, partition: int) -> None:
+    def _snapshot(self, partition: int, force: bool = False) -> None:
         state = self.core.partitions.get(partition)
-        if state is None or state.dirty_records == 0:
+        if state is None or (state.dirty_records == 0 and not force):
+            return
+        if state.pending_tombstones:
+            # Until our tombstones come back through the faces topic, no snapshot
+            # may cover the delete: replay from the older one re-emits them.
+            logger.info("partition %d: %d events await their tombstones; snapshot deferred",
+                        partition, len(state.pending_tombstones))
             return
         save_snapshot(state, snapshot_path(self.settings.state_dir, self.topics.faces, partition))
         self.metrics.snapshots.inc()
+
+    def _sweep_snapshots(self) -> None:
+        owned = {snapshot_path(self.settings.state_dir, self.topics.faces, p) for p in self.core.partitions}
+        directory = snapshot_path(self.settings.state_dir, self.topics.faces, 0).parent
+        for path in remove_stale_snapshots(directory, owned, SNAPSHOT_MAX_AGE_S):
+            logger.info("removed %s: not owned and too old to load", path)
 
     def _update_gauges(self) -> None:
         states = self.core.partitions.values()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from pipeline.errors import PoisonRecord
@@ -22,23 +24,26 @@ from pipeline.facelib.model import DetectedFace
 from pipeline.facelib.spec import ModelSpec
 from pipeline.facelib.vectors import InvalidEmbedding, normalize_embedding
 from pipeline.matcher.auth import AuthError, Authorizer
-from pipeline.matcher.replies import KafkaRequester, ReplyTimeout
-from pipeline.matcher.schemas import IngestAccepted, IngestBody, MatchBody, MatchOut
+from pipeline.matcher.replies import KafkaRequester, PublishFailed, ReplyTimeout
+from pipeline.matcher.schemas import ErrorOut, IngestAccepted, IngestBody, MatchBody, MatchOut
 from pipeline.matcher.selfie import SelfieError, analyze_payload, pick_single_face
 from pipeline.metrics import Metrics
-from pipeline.records import PhotoEvent, PrecomputedFace
+from pipeline.records import ID_REGEX, PhotoEvent, PrecomputedFace, id_problem
 from pipeline.serde import PHOTO_EVENT, SchemaRegistry
 from pipeline.settings import BridgeSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
 
 
+RETRY_AFTER_S = 5  # what a 503 asks clients to wait: about one broker reconnect + delivery timeout
+
+
 class ApiError(Exception):
     """An HTTP error with a message for the caller."""
 
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
-        self.status, self.extra = status, extra
+        self.status, self.extra, self.headers = status, extra, headers
 
 
 @dataclass
@@ -81,11 +86,16 @@ def create_app(services: BridgeServices) -> FastAPI:
 
     async def publish(event: PhotoEvent) -> IngestAccepted:
         value = services.serde.encode(PHOTO_EVENT, event.to_avro())
-        partition, offset = await services.requester.publish(topics.photo_events, event.event_id.encode(), value)
+        try:
+            partition, offset = await services.requester.publish(topics.photo_events, event.event_id.encode(),
+                                                                 value)
+        except PublishFailed as exc:
+            raise _unavailable(exc) from exc
         return IngestAccepted(event_id=event.event_id, photo_id=event.photo_id or None,
                               topic=topics.photo_events, partition=partition, offset=offset)
 
-    @app.post("/api/v2/ingest", status_code=202, response_model=IngestAccepted)
+    @app.post("/api/v2/ingest", status_code=202, response_model=IngestAccepted,
+              responses=_errors(400, 401, 403, 413, 503))
     async def ingest(body: IngestBody, x_api_key: str | None = Header(None),
                      authorization: str | None = Header(None)) -> IngestAccepted:
         """Queue a photo for indexing (by image_url, or with precomputed embeddings)."""
@@ -99,21 +109,26 @@ def create_app(services: BridgeServices) -> FastAPI:
         return await publish(PhotoEvent(event_id=body.event_id, photo_id=body.photo_id,
                                         image_url=body.image_url, faces=faces, source="http-ingest"))
 
-    @app.delete("/api/v2/events/{event_id}/photos/{photo_id}", status_code=202, response_model=IngestAccepted)
+    @app.delete("/api/v2/events/{event_id}/photos/{photo_id}", status_code=202, response_model=IngestAccepted,
+                responses=_errors(401, 403, 503))
     async def delete_photo(event_id: str, photo_id: str, x_api_key: str | None = Header(None),
                            authorization: str | None = Header(None)) -> IngestAccepted:
         """Remove one photo from its event's index."""
+        _check_path_id("event_id", event_id)
+        _check_path_id("photo_id", photo_id)
         authorize(x_api_key, authorization, "ingest", event_id)
         return await publish(PhotoEvent(event_id=event_id, photo_id=photo_id, op="DELETE", source="http-ingest"))
 
-    @app.delete("/api/v2/events/{event_id}", status_code=202, response_model=IngestAccepted)
+    @app.delete("/api/v2/events/{event_id}", status_code=202, response_model=IngestAccepted,
+                responses=_errors(401, 403, 503))
     async def delete_event(event_id: str, x_api_key: str | None = Header(None),
                            authorization: str | None = Header(None)) -> IngestAccepted:
         """Remove every photo of an event."""
+        _check_path_id("event_id", event_id)
         authorize(x_api_key, authorization, "admin", event_id)
         return await publish(PhotoEvent(event_id=event_id, photo_id="", op="DELETE_EVENT", source="http-ingest"))
 
-    @app.post("/api/v2/match", response_model=MatchOut)
+    @app.post("/api/v2/match", response_model=MatchOut, responses=_errors(400, 401, 403, 413, 503, 504))
     async def match(body: MatchBody, x_api_key: str | None = Header(None),
                     authorization: str | None = Header(None)) -> Response:
         """Photos of the event showing this face, best first."""
@@ -121,13 +136,14 @@ def create_app(services: BridgeServices) -> FastAPI:
         vector = _check_vector("user_embedding", body.user_embedding, spec.dim)
         return await _match(services, body.event_id, vector, body.top_k, body.threshold)
 
-    @app.post("/api/v2/match/image", response_model=MatchOut)
-    async def match_image(event_id: str = Form(..., pattern=r"^[^/\x00]{1,256}$"),
+    @app.post("/api/v2/match/image", response_model=MatchOut, responses=_errors(400, 401, 403, 413, 503, 504))
+    async def match_image(event_id: str = Form(..., pattern=ID_REGEX),
                           image: UploadFile = File(...), top_k: int = Form(20, ge=1, le=1000),
                           threshold: float | None = Form(None, ge=-1.0, le=1.0),
                           x_api_key: str | None = Header(None),
                           authorization: str | None = Header(None)) -> Response:
         """Match by selfie: exactly one face must be visible. The image is never stored."""
+        _check_path_id("event_id", event_id)
         authorize(x_api_key, authorization, "match", event_id)
         faces = await _faces(services, image)
         try:
@@ -136,7 +152,7 @@ def create_app(services: BridgeServices) -> FastAPI:
             raise ApiError(422, str(exc), faces_found=len(faces)) from exc
         return await _match(services, event_id, face.embedding, top_k, threshold)
 
-    @app.post("/api/face/analyze")
+    @app.post("/api/face/analyze", responses=_errors(400, 401, 403, 413, 503))
     async def analyze(image: UploadFile = File(...), x_api_key: str | None = Header(None),
                       authorization: str | None = Header(None)) -> dict[str, Any]:
         """V1: the most prominent face's `descriptor`, plus every face with its box."""
@@ -144,18 +160,29 @@ def create_app(services: BridgeServices) -> FastAPI:
         faces = await _faces(services, image)
         return analyze_payload(faces, spec)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Not ready: same body, `ready` false"}})
     async def health() -> JSONResponse:
-        """Broker, indexer partitions, model and embedding_dim."""
+        """Broker, indexer partitions, model and embedding_dim; 200 when ready to match, else 503."""
         body = await services.health()
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+        return JSONResponse(body, status_code=200 if body.get("ready") else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", include_in_schema=False)  # Prometheus text for scrapers, not part of the API
     async def metrics() -> Response:
         """Prometheus exposition."""
         return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_ERROR_TEXT = {400: "The body could not be parsed (not UTF-8 JSON, broken multipart)",
+               401: "No or unknown API key", 403: "The API key lacks the role or the event",
+               413: "Body over the size cap", 503: "Kafka unavailable (with Retry-After), or no face model",
+               504: "No indexer answered in time"}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the JSON errors a route can answer."""
+    return {status: {"model": ErrorOut, "description": _ERROR_TEXT[status]} for status in statuses}
 
 
 def _check_vector(field: str, values: list[float], dim: int) -> np.ndarray:
@@ -184,6 +211,8 @@ async def _match(services: BridgeServices, event_id: str, vector: np.ndarray, to
     try:
         reply = await services.requester.match(event_id, vector, top_k, threshold,
                                                services.settings.bridge_timeout_s)
+    except PublishFailed as exc:
+        raise _unavailable(exc) from exc
     except ReplyTimeout as exc:
         raise ApiError(504, f"{exc}: is an indexer running and caught up? see /health") from exc
     if reply.status == "ERROR":
@@ -200,10 +229,29 @@ async def _match(services: BridgeServices, event_id: str, vector: np.ndarray, to
     return Response(orjson.dumps(body), media_type="application/json")
 
 
+def _unavailable(exc: PublishFailed) -> ApiError:
+    logger.warning("answering 503: %s", exc)
+    return ApiError(503, f"Kafka is unavailable ({exc}); retry after {RETRY_AFTER_S}s",
+                    headers={"Retry-After": str(RETRY_AFTER_S)}, retry_after_s=RETRY_AFTER_S)
+
+
+def _check_path_id(field: str, value: str) -> None:
+    problem = id_problem(value)
+    if problem:
+        raise ApiError(422, f"{field} {problem}")
+
+
 def _install_error_handlers(app: FastAPI, services: BridgeServices) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing (404/405) and body parsing (400: undecodable JSON, broken multipart) answer
+        # in the same {"error": ...} shape as every other refusal.
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": str(exc), **exc.extra}, status_code=exc.status)
+        return JSONResponse({"error": str(exc), **exc.extra}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(AuthError)
     async def auth_error(request: Request, exc: AuthError) -> JSONResponse:
@@ -217,32 +265,86 @@ def _install_error_handlers(app: FastAPI, services: BridgeServices) -> None:
         return JSONResponse({"error": "; ".join(problems), "detail": detail}, status_code=422)
 
 
-class BodyLimitMiddleware:
-    """413 for bodies over the cap, before anything buffers them (declared or streamed)."""
+class _BodyRefused(Exception):
+    """Raised into the app from receive() once the 413 has been sent (the app's answer is dropped)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+
+class BodyLimitMiddleware:
+    """413 for bodies over the cap, without buffering them (declared or streamed).
+
+    The 413 is written as soon as the cap is known to be exceeded, so a client
+    that reads early sees it before sending its body. The response is held open
+    while the rest of the body is read and discarded (up to drain_max_bytes and
+    drain_timeout_s): a server that closes with unread bytes makes the kernel
+    send a reset, and a client still writing gets EPIPE/ECONNRESET instead of
+    the 413. Connection: close, since the request stream is then unusable.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, drain_max_bytes: int | None = None,
+                 drain_timeout_s: float = 10.0) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.drain_max_bytes = 4 * max_bytes if drain_max_bytes is None else drain_max_bytes
+        self.drain_timeout_s = drain_timeout_s
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse({"error": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
-            await response(scope, receive, send)
+            # Expect: 100-continue clients have not sent the body; reading would invite it.
+            drain = (int(declared) <= self.drain_max_bytes
+                     and headers.get(b"expect", b"").lower() != b"100-continue")
+            await self._refuse(receive, send, drain)
             return
-        seen = 0
+        seen, started, refused = 0, False, False
 
         async def counting_receive() -> dict[str, Any]:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise ApiError(413, f"request body larger than {self.max_bytes} bytes")
+                if not started and not refused:
+                    refused = True
+                    await self._refuse(receive, send, drain=message.get("more_body", False))
+                raise _BodyRefused
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if refused:
+                return  # the app's answer to the exception (FastAPI makes it a 400): already answered
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        with contextlib.suppress(_BodyRefused):
+            await self.app(scope, counting_receive, guarded_send)
+
+    async def _refuse(self, receive: Any, send: Any, drain: bool) -> None:
+        body = orjson.dumps({"error": f"request body larger than {self.max_bytes} bytes",
+                             "max_bytes": self.max_bytes})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": drain})
+        if not drain:
+            return
+        try:
+            await asyncio.wait_for(self._discard(receive), self.drain_timeout_s)
+        except asyncio.TimeoutError:
+            logger.info("413: client still sending after %.0fs; closing", self.drain_timeout_s)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _discard(self, receive: Any) -> None:
+        discarded = 0
+        while discarded <= self.drain_max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away (read the 413 early and closed)
+            discarded += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 class MetricsMiddleware:

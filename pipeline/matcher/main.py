@@ -24,10 +24,12 @@ from pipeline.matcher.auth import Authorizer, parse_api_keys
 from pipeline.matcher.replies import KafkaRequester
 from pipeline.metrics import create_metrics
 from pipeline.serde import SchemaRegistry
-from pipeline.settings import BridgeSettings, EmbedderSettings, KafkaSettings, ModelSettings, TopicSettings
+from pipeline.settings import BridgeSettings, EmbedderSettings, KafkaSettings, LogSettings, ModelSettings, TopicSettings
 from pipeline.topics import partition_count, partition_for
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_PUBLISH_TIMEOUT_S = 5.0
 
 
 class HealthProbe:
@@ -55,10 +57,15 @@ class HealthProbe:
         model_loaded = self.model is not None or self.model_name == "none"
         ready = bool(facts["broker_reachable"] and model_loaded and facts["partitions"]
                      and facts["partitions_owned"] == facts["partitions"])
-        return {"status": "ok" if facts["broker_reachable"] else "degraded", "ready": ready,
+        # /health is 200 only when ready: broker up, model loaded, every partition's indexer answering.
+        status = "ok" if ready else ("degraded" if not facts["broker_reachable"] else "starting")
+        return {"status": status, "ready": ready,
                 "broker": {"reachable": facts["broker_reachable"], "error": facts.get("error")},
                 "partitions": facts["partitions"], "partitions_owned": facts["partitions_owned"],
+                # The seed's name, kept for its clients: "V2 can serve" (model loaded, broker up),
+                # whatever the model is (SFace by default, InsightFace only when configured).
                 "insightface_ready": bool(facts["broker_reachable"] and model_loaded),
+                "model_ready": model_loaded,
                 "embedding_dim": self.spec.dim,
                 "models": {"name": self.model_name, "model_id": self.spec.model_id,
                            "loaded": model_loaded, "license": self.spec.license,
@@ -94,8 +101,13 @@ def probe_events(partitions: int) -> list[str]:
 
 
 def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSettings,
-                   model_settings: ModelSettings, embedder: EmbedderSettings) -> BridgeServices:
-    """Everything the app needs; starts the reply thread."""
+                   model_settings: ModelSettings, embedder: EmbedderSettings,
+                   publish_timeout_s: float | None = None) -> BridgeServices:
+    """Everything the app needs; starts the reply thread.
+
+    publish_timeout_s bounds how long a produce may wait for the broker's ack
+    (librdkafka's message.timeout.ms) before the bridge answers 503.
+    """
     from pipeline.facelib.packs import load_model
     from pipeline.facelib.spec import spec_for
 
@@ -111,16 +123,24 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
     partitions = partition_count(admin, topics.match_requests)
     consumer_conf = {**kafka.to_librdkafka(), "group.id": f"facematch-bridge-{uuid.uuid4().hex[:8]}",
                      "enable.auto.commit": False, "fetch.wait.max.ms": 5}
-    producer_conf = producer_config(kafka, **{"linger.ms": 0, "compression.type": "none"})
+    if publish_timeout_s is None:
+        publish_timeout_s = bridge.bridge_publish_timeout_s
+    # Without message.timeout.ms librdkafka retries for 300 s while the broker is down.
+    producer_conf = producer_config(kafka, **{"linger.ms": 0, "compression.type": "none",
+                                              "message.timeout.ms": int(publish_timeout_s * 1000)})
     requester = KafkaRequester(producer_conf, consumer_conf, serde, topics.match_requests, partitions,
-                               topics.match_replies, bridge.bridge_reply_partition)
+                               topics.match_replies, bridge.bridge_reply_partition,
+                               delivery_timeout_s=publish_timeout_s)
     requester.start()
     health = HealthProbe(admin, topics, requester, spec, model, model_settings.model)
-    keys = parse_api_keys(bridge.api_keys)
-    if not keys:
+    auth = Authorizer(parse_api_keys(bridge.api_keys))
+    if not auth.enabled:
         logger.warning("FACEMATCH_API_KEYS is empty: the bridge accepts every request (development mode)")
+    elif auth.plain_text_keys:
+        logger.warning("FACEMATCH_API_KEYS holds %d plain-text key(s): accepted for compatibility, but store "
+                       "their hashes instead (`facematch keys hash` prints sha256:<hex>)", auth.plain_text_keys)
     return BridgeServices(requester=requester, serde=serde, topics=topics, settings=bridge, spec=spec,
-                          metrics=create_metrics(), auth=Authorizer(keys), health=health,
+                          metrics=create_metrics(), auth=auth, health=health,
                           faces_in_image=faces_in_image)
 
 
@@ -141,7 +161,7 @@ def _selfie_reader(model: FaceModel, embedder: EmbedderSettings) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """`facematch bridge`."""
-    setup_logging()
+    setup_logging(LogSettings().log_level)
     kafka, topics, bridge, model = KafkaSettings(), TopicSettings(), BridgeSettings(), ModelSettings()
     services = build_services(kafka, topics, bridge, model, EmbedderSettings())
     app = create_app(services)

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
 from pipeline.records import MatchReply, MatchRequest, now_ms
@@ -26,7 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 class ReplyTimeout(TimeoutError):
-    """No reply arrived in time (the bridge answers 504)."""
+    """No reply arrived in time although the broker took the request (the bridge answers 504)."""
+
+
+class PublishFailed(RuntimeError):
+    """The broker did not acknowledge a record in time, or refused it (the bridge answers 503)."""
 
 
 class KafkaRequester:
@@ -34,11 +38,16 @@ class KafkaRequester:
 
     def __init__(self, producer_conf: dict[str, Any], consumer_conf: dict[str, Any],
                  serde: SchemaRegistry, request_topic: str, request_partitions: int,
-                 reply_topic: str, reply_partition: int) -> None:
+                 reply_topic: str, reply_partition: int, delivery_timeout_s: float = 5.0) -> None:
         self.serde, self.request_topic = serde, request_topic
+        # librdkafka fails a record after message.timeout.ms; the await gets a little
+        # more, so the broker's own verdict normally arrives first.
+        self.delivery_timeout_s = delivery_timeout_s
         self.request_partitions = request_partitions
         self.reply_topic, self.reply_partition = reply_topic, reply_partition
-        self.producer = Producer(producer_conf)
+        self._producer_conf = {**producer_conf, "error_cb": self._on_client_error}
+        self._fatal: Any = None  # a fatal producer error: the next produce replaces the producer
+        self.producer = Producer(self._producer_conf)
         self.consumer = Consumer(consumer_conf)
         self._pending: dict[bytes, tuple[asyncio.AbstractEventLoop, asyncio.Future[MatchReply]]] = {}
         self._lock = threading.Lock()
@@ -64,11 +73,19 @@ class KafkaRequester:
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int,
                     threshold: float | None, timeout_s: float) -> MatchReply:
-        """Send one request and wait for its reply, or raise ReplyTimeout."""
+        """Send one request and wait for its reply; PublishFailed or ReplyTimeout otherwise."""
         request_id = uuid.uuid4().hex
         correlation = request_id.encode()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[MatchReply] = loop.create_future()
+        acked: list[bool] = []  # set by the delivery report: the broker has the request
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is not None:
+                loop.call_soon_threadsafe(_set_exception, future, PublishFailed(f"broker refused: {err}"))
+            else:
+                acked.append(True)
+
         with self._lock:
             self._pending[correlation] = (loop, future)
         request = MatchRequest(request_id=request_id, event_id=event_id, embedding=embedding,
@@ -77,36 +94,86 @@ class KafkaRequester:
         headers = [(CORRELATION, correlation), (REPLY_TOPIC, self.reply_topic.encode()),
                    (REPLY_PARTITION, struct.pack(">i", self.reply_partition))]
         try:
-            self.producer.produce(self.request_topic, key=event_id.encode(),
-                                  value=self.serde.encode(MATCH_REQUEST, request.to_avro()),
-                                  partition=partition_for(event_id, self.request_partitions),
-                                  headers=headers)
-            self.producer.poll(0)
+            self._produce(self.request_topic, key=event_id.encode(),
+                          value=self.serde.encode(MATCH_REQUEST, request.to_avro()),
+                          partition=partition_for(event_id, self.request_partitions),
+                          headers=headers, on_delivery=on_delivery)
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError as exc:
+            if not acked:  # the request never reached the broker: nobody could have answered
+                raise PublishFailed(f"broker did not acknowledge the request within {timeout_s}s") from exc
             raise ReplyTimeout(f"no reply for event {event_id} within {timeout_s}s") from exc
         finally:
             with self._lock:
                 self._pending.pop(correlation, None)
 
     async def publish(self, topic: str, key: bytes, value: bytes | None) -> tuple[int, int]:
-        """Produce and wait for the broker's ack; returns (partition, offset)."""
+        """Produce and wait for the broker's ack; returns (partition, offset), or raises PublishFailed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
-                loop.call_soon_threadsafe(_set_exception, future, RuntimeError(str(err)))
+                loop.call_soon_threadsafe(_set_exception, future, PublishFailed(f"broker refused: {err}"))
             else:
                 loop.call_soon_threadsafe(_set_result, future, (msg.partition(), msg.offset()))
 
-        self.producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-        self.producer.poll(0)
-        return await future
+        self._produce(topic, key=key, value=value, on_delivery=on_delivery)
+        try:
+            # Bounded: with the broker down, librdkafka would otherwise retry until message.timeout.ms
+            # (and a producer without one waits 300 s). Timing out here does not unsend the record:
+            # it may still land, and a client retry re-ingests the same photo, which is idempotent.
+            return await asyncio.wait_for(future, self.delivery_timeout_s + 1.0)
+        except asyncio.TimeoutError as exc:
+            raise PublishFailed(f"broker did not acknowledge within {self.delivery_timeout_s}s") from exc
+
+    def _on_client_error(self, err: Any) -> None:
+        if err.fatal():
+            self._fatal = err
+        # Connection errors repeat at every reconnect attempt; "all brokers down" says it once.
+        important = err.fatal() or err.code() == KafkaError._ALL_BROKERS_DOWN
+        logger.log(logging.WARNING if important else logging.DEBUG, "bridge producer: %s", err)
+
+    def _produce(self, topic: str, **kwargs: Any) -> None:
+        if self._fatal is not None:
+            self._replace_producer()
+        try:
+            self.producer.produce(topic, **kwargs)
+        except BufferError as exc:  # local queue full: the broker has been unreachable for a while
+            raise PublishFailed(f"producer queue full: {exc}") from exc
+        except KafkaException as exc:
+            if exc.args and exc.args[0].fatal():
+                self._fatal = exc.args[0]
+            raise PublishFailed(f"produce failed: {exc}") from exc
+        self._poll_producer()
+
+    def _replace_producer(self) -> None:
+        # An idempotent producer whose records timed out can turn fatal once the broker is back
+        # (e.g. UNKNOWN_PRODUCER_ID when the broker lost its state); it refuses everything after
+        # that, so a new one takes over. Records still queued in the old one are abandoned:
+        # their callers got (or will get) a 503 from the bounded waits.
+        with self._lock:
+            if self._fatal is None:
+                return
+            logger.error("bridge producer failed fatally (%s): starting a new one", self._fatal)
+            self._fatal, old, self.producer = None, self.producer, Producer(self._producer_conf)
+        try:  # the abandoned records' callbacks fail their waiters now, not at their timeout
+            old.purge(in_queue=True, in_flight=True)
+            old.poll(0)
+        except KafkaException as exc:
+            logger.warning("abandoning the old producer: %s", exc)
+
+    def _poll_producer(self) -> None:
+        try:
+            self.producer.poll(0)
+        except KafkaException as exc:  # a fatal error surfaces here too; never kill the reply thread
+            if exc.args and exc.args[0].fatal():
+                self._fatal = exc.args[0]
+            logger.warning("bridge producer: %s", exc)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.producer.poll(0)
+            self._poll_producer()
             msg = self.consumer.poll(0.05)
             if msg is None:
                 continue

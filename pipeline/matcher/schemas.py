@@ -2,19 +2,71 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated
+from urllib.parse import urlsplit
 
-ID_REGEX = r"^[^/\x00]{1,256}$"
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.records import ID_REGEX, id_problem
+
+MAX_URL_LENGTH = 2048  # what browsers, CDNs and most object stores accept
+URL_SCHEMES = frozenset({"http", "https"})
+
+
+def check_image_url(url: str) -> str:
+    """The URL if it is an absolute http(s) URL with a host and no credentials; else ValueError.
+
+    Syntax only: the embedder still resolves the host and refuses private
+    addresses on every hop (pipeline/embedder/fetch.py), as defence in depth.
+    """
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"longer than {MAX_URL_LENGTH} characters")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise ValueError("must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from exc
+    if parts.scheme.lower() not in URL_SCHEMES:
+        raise ValueError(f"scheme must be http or https, not {parts.scheme or 'missing'!r}")
+    if "@" in parts.netloc:
+        raise ValueError("must not contain credentials (user:password@)")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    return url
+
+
+def _valid_id(value: str) -> str:
+    problem = id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# The pattern documents the rule in the OpenAPI; the validator adds "not . or ..".
+Id = Annotated[str, Field(pattern=ID_REGEX), AfterValidator(_valid_id)]
 
 
 class IngestBody(BaseModel):
     """The seed's ingest body; `embedding` or `faces` skip image fetching."""
 
-    event_id: str = Field(..., pattern=ID_REGEX, examples=["EVENT123"])
-    photo_id: str = Field(..., pattern=ID_REGEX, examples=["photo_abc123"])
-    image_url: str | None = Field(None, max_length=4096, examples=["https://res.cloudinary.com/x.jpg"])
+    # Unknown fields are refused, so a misspelt "embeding" is an error, not a silent URL-less photo.
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: Id = Field(..., examples=["EVENT123"])
+    photo_id: Id = Field(..., examples=["photo_abc123"])
+    image_url: str | None = Field(None, max_length=MAX_URL_LENGTH, examples=["https://res.cloudinary.com/x.jpg"],
+                                  description=f"http(s) URL with a host, no credentials, "
+                                              f"at most {MAX_URL_LENGTH} characters")
     embedding: list[float] | None = Field(None, description="Optional pre-computed embedding of one face")
     faces: list[list[float]] | None = Field(None, description="Optional pre-computed embeddings, one per face")
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url(cls, value: str | None) -> str | None:
+        # "" means "no URL" (clients that always send the key); the route then wants embeddings.
+        return check_image_url(value) if value else None
 
 
 class IngestAccepted(BaseModel):
@@ -31,7 +83,9 @@ class IngestAccepted(BaseModel):
 class MatchBody(BaseModel):
     """The seed's match body."""
 
-    event_id: str = Field(..., pattern=ID_REGEX)
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: Id
     user_embedding: list[float] = Field(..., min_length=1)
     top_k: int = Field(20, ge=1, le=1000)
     threshold: float | None = Field(None, ge=-1.0, le=1.0,
@@ -67,3 +121,9 @@ class MatchOut(BaseModel):
     threshold: float
     search_ms: float
     took_ms: float
+
+
+class ErrorOut(BaseModel):
+    """Every error: a message naming the field or the cause, sometimes with details."""
+
+    error: str

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from pipeline.logs import setup_logging
-from pipeline.producers.common import add_common_args, build_context, on_stop_signals
-from pipeline.producers.firestore_source import ConfigError, count, photos_query
+from pipeline.producers.common import add_common_args, build_context, on_stop_signals, producer_settings
+from pipeline.producers.firestore_source import ConfigError, FirestoreSettings, count, photos_query
 from pipeline.producers.ledger import LedgerLocked
 from pipeline.producers.scan import scan
+from pipeline.settings import KafkaSettings, LogSettings, ModelSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Ingest, print a summary; exit 1 if any photo could not be published."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging()
+    setup_logging(LogSettings().log_level)
+    settings = producer_settings(args, FirestoreSettings(), KafkaSettings(), TopicSettings(), ModelSettings())
     try:
-        ctx = build_context(args, STAGE, force=args.force)
+        ctx = build_context(settings, args.state_file, args.metrics_port, STAGE, force=args.force)
     except (LedgerLocked, ConfigError) as exc:
         logger.error("%s", exc)
         return 2

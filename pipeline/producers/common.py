@@ -40,22 +40,35 @@ def add_common_args(parser: argparse.ArgumentParser, tool: str) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics (0: off)")
 
 
-def firestore_settings(args: argparse.Namespace) -> FirestoreSettings:
-    """Environment settings with the command line on top."""
+@dataclass(frozen=True)
+class ProducerSettings:
+    """What a producer command runs with: the environment's settings with its flags on top."""
+
+    firestore: FirestoreSettings
+    kafka: KafkaSettings
+    topics: TopicSettings
+    embedding_dim: int
+
+
+def producer_settings(args: argparse.Namespace, firestore: FirestoreSettings, kafka: KafkaSettings,
+                      topics: TopicSettings, model: ModelSettings) -> ProducerSettings:
+    """Apply the command-line flags to settings main() built from the environment."""
     overrides: dict[str, Any] = {"project": args.project, "credentials_file": args.firebase_config,
                                  "events_collection": args.events_collection,
                                  "photos_collection": args.photos_collection,
                                  "max_batch": args.max_batch, "page_size": getattr(args, "page_size", None)}
-    return FirestoreSettings(**{k: v for k, v in overrides.items() if v is not None})
+    firestore = firestore.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if args.bootstrap_servers:
+        kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap_servers})
+    return ProducerSettings(firestore, kafka, topics, embedding_dim(args.embedding_dim, model))
 
 
-def embedding_dim(args: argparse.Namespace) -> int:
-    """The dimension the embedder will demand of precomputed embeddings."""
-    if args.embedding_dim:
-        return int(args.embedding_dim)
+def embedding_dim(flag: int | None, model: ModelSettings) -> int:
+    """The dimension the embedder will demand of precomputed embeddings: the flag's, else the model's."""
+    if flag:
+        return int(flag)
     from pipeline.facelib.spec import spec_for
 
-    model = ModelSettings()
     return spec_for(model.model, model.embedding_dim).dim
 
 
@@ -77,28 +90,25 @@ class Context:
             self.ledger.close()
 
 
-def build_context(args: argparse.Namespace, stage: str, force: bool = False) -> Context:
-    """Settings from env + flags, then the Firestore client, ledger and publisher."""
-    settings = firestore_settings(args)
-    kafka = KafkaSettings()
-    if args.bootstrap_servers:
-        kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap_servers})
+def build_context(settings: ProducerSettings, state_file: Path, metrics_port: int, stage: str,
+                  force: bool = False) -> Context:
+    """The Firestore client, the ledger and the publisher, from settings main() built."""
+    firestore, kafka, dim = settings.firestore, settings.kafka, settings.embedding_dim
     metrics = create_metrics()
-    serve_metrics(metrics, args.metrics_port)
-    dim = embedding_dim(args)
-    client = make_client(settings)
-    ledger = Ledger.open(args.state_file)
+    serve_metrics(metrics, metrics_port)
+    client = make_client(firestore)
+    ledger = Ledger.open(state_file)
     try:
-        publisher = PhotoPublisher(kafka, TopicSettings(), SchemaRegistry.load(), stage, metrics)
+        publisher = PhotoPublisher(kafka, settings.topics, SchemaRegistry.load(), stage, metrics)
         publisher.warm_up()
     except Exception:
         ledger.close()
         raise
-    syncer = Syncer(ledger, publisher, settings.layout, dim, source=stage, force=force)
+    syncer = Syncer(ledger, publisher, firestore.layout, dim, source=stage, force=force)
     logger.info("%s: project %s, %s/*/%s, embedding dim %d, kafka %s, topic %s", stage, client.project,
-                settings.events_collection, settings.photos_collection, dim, kafka.bootstrap_servers,
+                firestore.events_collection, firestore.photos_collection, dim, kafka.bootstrap_servers,
                 publisher.topics.photo_events)
-    return Context(settings, client, ledger, publisher, syncer)
+    return Context(firestore, client, ledger, publisher, syncer)
 
 
 def on_stop_signals(callback: Callable[[], None]) -> None:

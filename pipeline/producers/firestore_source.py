@@ -35,7 +35,7 @@ class FirestoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEMATCH_FIRESTORE_", frozen=True, populate_by_name=True)
 
     project: str | None = Field(
-        None, validation_alias=AliasChoices("FACEMATCH_FIRESTORE_PROJECT", "GOOGLE_CLOUD_PROJECT"))
+        default=None, validation_alias=AliasChoices("FACEMATCH_FIRESTORE_PROJECT", "GOOGLE_CLOUD_PROJECT"))
     credentials_file: Path | None = None  # a Firebase service-account JSON
     events_collection: str = "events"
     photos_collection: str = "photos"

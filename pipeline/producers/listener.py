@@ -27,16 +27,25 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pipeline.logs import setup_logging
-from pipeline.producers.common import Context, add_common_args, build_context, latency_line, on_stop_signals
+from pipeline.producers.common import (
+    Context,
+    add_common_args,
+    build_context,
+    latency_line,
+    on_stop_signals,
+    producer_settings,
+)
 from pipeline.producers.documents import REMOVE, UPSERT, DocChange
-from pipeline.producers.firestore_source import ConfigError, photos_query
+from pipeline.producers.firestore_source import ConfigError, FirestoreSettings, photos_query
 from pipeline.producers.ledger import LedgerLocked
 from pipeline.producers.snapshot_feed import Delivery, SnapshotFeed
 from pipeline.producers.sync import SyncStats, removed_since
 from pipeline.records import now_ms
+from pipeline.settings import KafkaSettings, LogSettings, ModelSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +64,20 @@ class StreamLost(RuntimeError):
 
 
 class Listener:
-    """The main-thread loop: keep a working subscription, drain the queue, apply one step."""
+    """The main-thread loop: keep a working subscription, drain the queue, apply one step.
+
+    `clock` (monotonic seconds) times the watchdog, so tests can drive it without sleeping.
+    """
 
     def __init__(self, ctx: Context, resubscribe_every_s: float = 0.0, stall_timeout_s: float = STALL_TIMEOUT_S,
-                 give_up_after_s: float = GIVE_UP_AFTER_S) -> None:
-        self.ctx = ctx
+                 give_up_after_s: float = GIVE_UP_AFTER_S, clock: Callable[[], float] = time.monotonic,
+                 ready_file: Path | None = None) -> None:
+        self.ctx, self.clock, self.ready_file = ctx, clock, ready_file
         self.deliveries: queue.Queue[Delivery] = queue.Queue()
-        self.feed = SnapshotFeed(ctx.client, photos_query(ctx.client, ctx.settings), self.deliveries)
+        self.feed = SnapshotFeed(ctx.client, photos_query(ctx.client, ctx.settings), self.deliveries, clock)
         self.pending: dict[str, DocChange] = {}
         self.totals, self._recent = SyncStats(), SyncStats()
-        self._logged_at = time.monotonic()
+        self._logged_at = clock()
         self.resubscribe_every_s = resubscribe_every_s
         self.stall_timeout_s, self.give_up_after_s = stall_timeout_s, give_up_after_s
         self._stopping = threading.Event()
@@ -79,33 +92,38 @@ class Listener:
 
     def run(self) -> None:
         """Until stop(): keep the subscription alive and publish what it reports."""
-        self._subscribe()
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        self.subscribe()
         logger.info("%s: listening to collection group %r", STAGE, self.ctx.settings.photos_collection)
         try:
             while not self._stopping.is_set():
-                self._keep_subscribed()
+                self.keep_subscribed()
                 self._take(timeout_s=0.0 if self.pending else 0.2)
                 if self.pending:
                     self._step()
                 self.ctx.publisher.poll()
         finally:
+            if self.ready_file is not None:
+                self.ready_file.unlink(missing_ok=True)
             self.feed.shutdown()
             logger.info("%s: stopped: %s; %s", STAGE, self.totals.summary(), latency_line(self.totals.latencies_ms))
 
-    def _subscribe(self) -> None:
+    def subscribe(self) -> None:
+        """(Re)subscribe; a failure is logged and left to the watchdog's retries."""
         try:
             self.feed.subscribe()
         except Exception as exc:  # the watchdog retries with backoff
             logger.error("%s: on_snapshot failed: %r", STAGE, exc)
             self.feed.close()
 
-    def _keep_subscribed(self) -> None:
-        """The watchdog: replace a closed or stalled subscription; give up after a long outage."""
-        now = time.monotonic()
+    def keep_subscribed(self) -> None:
+        """One watchdog step: replace a closed or stalled subscription; StreamLost after a long outage."""
+        now = self.clock()
         if self.resubscribe_every_s and self.feed.watch is not None \
                 and now - self.feed.subscribed_at > self.resubscribe_every_s:
             logger.info("%s: periodic re-listen (--resubscribe-every)", STAGE)
-            self._subscribe()
+            self.subscribe()
         problem = self.feed.problem(self.stall_timeout_s)
         if problem is not None and self._retry_at is None:
             logger.warning("%s: listen stream %s; re-subscribing in %.1fs", STAGE, problem, self._backoff_s)
@@ -114,7 +132,7 @@ class Listener:
             self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
-            self._subscribe()
+            self.subscribe()
             problem = self.feed.problem(self.stall_timeout_s)
         if problem is None and not self.feed.connection.ready:
             problem = f"no connection to Firestore ({self.feed.connection.state})"
@@ -167,6 +185,8 @@ class Listener:
             self.pending.setdefault(change.path, change)
         logger.info("%s: initial snapshot: %d documents, %d changes to examine", STAGE,
                     len(delivery.present), len(self.pending))
+        if self.ready_file is not None:
+            self.ready_file.touch()
 
     def _step(self) -> None:
         batch = list(itertools.islice(self.pending.values(), self.ctx.settings.max_batch))
@@ -184,10 +204,10 @@ class Listener:
 
     def _log_progress(self) -> None:
         # One line per LOG_EVERY_S, not per photo: a busy listener steps often.
-        elapsed = time.monotonic() - self._logged_at
+        elapsed = self.clock() - self._logged_at
         if elapsed < LOG_EVERY_S:
             return
-        recent, self._recent, self._logged_at = self._recent, SyncStats(), time.monotonic()
+        recent, self._recent, self._logged_at = self._recent, SyncStats(), self.clock()
         if recent.published or recent.deleted or recent.dead_lettered or recent.failed:
             logger.info("%s: last %.0fs: %s; %s", STAGE, elapsed, recent.summary(),
                         latency_line(recent.latencies_ms))
@@ -208,6 +228,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER_S, metavar="SECONDS",
                         help=f"exit with status {EXIT_NO_STREAM} after this long without a working listen "
                              "stream, for a supervisor to restart the listener (0: never; default: %(default)s)")
+    parser.add_argument("--ready-file", type=Path, metavar="PATH",
+                        help="create this file once listening (after each complete initial snapshot) and "
+                             "remove it on exit, for a readiness probe")
     return parser.parse_args(list(argv))
 
 
@@ -226,20 +249,21 @@ def _log_sdk_threads(args: threading.ExceptHookArgs) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the listener until SIGTERM/SIGINT."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging()
+    setup_logging(LogSettings().log_level)
     google = logging.getLogger("google")
     if google.level == logging.NOTSET:
         # A configured "google" logger keeps google-api-core from cutting it off
         # from the root logger: the SDK's warnings then reach our log.
         google.setLevel(logging.WARNING)
     threading.excepthook = _log_sdk_threads
+    settings = producer_settings(args, FirestoreSettings(), KafkaSettings(), TopicSettings(), ModelSettings())
     try:
-        ctx = build_context(args, STAGE)
+        ctx = build_context(settings, args.state_file, args.metrics_port, STAGE)
     except (LedgerLocked, ConfigError) as exc:
         logger.error("%s", exc)
         return 2
     listener = Listener(ctx, resubscribe_every_s=args.resubscribe_every, stall_timeout_s=args.stall_timeout,
-                        give_up_after_s=args.give_up_after)
+                        give_up_after_s=args.give_up_after, ready_file=args.ready_file)
     on_stop_signals(listener.stop)
     try:
         listener.run()

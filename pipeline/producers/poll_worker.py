@@ -25,11 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.logs import setup_logging
-from pipeline.producers.common import Context, add_common_args, build_context, on_stop_signals
-from pipeline.producers.firestore_source import ConfigError, photos_query
+from pipeline.producers.common import Context, add_common_args, build_context, on_stop_signals, producer_settings
+from pipeline.producers.firestore_source import ConfigError, FirestoreSettings, photos_query
 from pipeline.producers.ledger import LedgerLocked
 from pipeline.producers.scan import ScanResult, apply_with_retry, scan
 from pipeline.producers.sync import removed_since
+from pipeline.settings import KafkaSettings, LogSettings, ModelSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Poll until SIGTERM/SIGINT (or once); exit 1 if a --once poll left photos unpublished."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging()
+    setup_logging(LogSettings().log_level)
+    settings = producer_settings(args, FirestoreSettings(), KafkaSettings(), TopicSettings(), ModelSettings())
     try:
-        ctx = build_context(args, STAGE)
+        ctx = build_context(settings, args.state_file, args.metrics_port, STAGE)
     except (LedgerLocked, ConfigError) as exc:
         logger.error("%s", exc)
         return 2

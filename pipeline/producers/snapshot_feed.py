@@ -10,8 +10,10 @@ restarts (see docs/firestore.md), a listen stream ends in one of three ways:
   the stream stays open and the SDK reports it active.
 
 `SnapshotFeed.problem()` names the last two; the listener then re-subscribes.
-The public surface has only `Watch.is_active`; the rest reads SDK attributes,
-guarded, so that an SDK without them only loses the stall detection (logged).
+The public surface has only `Watch.is_active`; the rest reads SDK attributes
+through pipeline/compat.py, guarded, so that an SDK without them only loses the
+stall detection (logged). Time comes from an injected `clock` (monotonic
+seconds), so tests drive the watchdog without sleeping.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.compat import firestore_grpc_channel, on_watch_message, set_watch_comparator, watch_closed
 from pipeline.producers.documents import REMOVE, DocChange
 from pipeline.producers.firestore_source import snapshot_change, to_ms
 
@@ -40,14 +44,14 @@ class Delivery:
 class Connection:
     """Connectivity of the client's gRPC channel, from grpc.Channel.subscribe."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.state = "UNKNOWN"
         self.ready = True  # unknown counts as connected: nothing to wait for
-        self.changed_at = time.monotonic()
+        self.changed_at = clock()
         self._channel: Any = None
         try:
-            # _firestore_api builds the GAPIC client; transport and grpc_channel are public.
-            channel = client._firestore_api.transport.grpc_channel
+            channel = firestore_grpc_channel(client)
             channel.subscribe(self._on_state, try_to_connect=True)
             self._channel = channel
         except Exception as exc:  # another transport or SDK version
@@ -59,7 +63,7 @@ class Connection:
         was_known, self.state = self.state != "UNKNOWN", name
         if ready == self.ready and was_known:
             return
-        self.ready, self.changed_at = ready, time.monotonic()
+        self.ready, self.changed_at = ready, self.clock()
         if ready:
             logger.info("firestore: connected")
         elif was_known or name == "TRANSIENT_FAILURE":
@@ -75,9 +79,10 @@ class Connection:
 class SnapshotFeed:
     """Owns the on_snapshot subscription; replace it with subscribe() when problem() says so."""
 
-    def __init__(self, client: Any, query: Any, out: queue.Queue[Delivery]) -> None:
-        self.query, self.out = query, out
-        self.connection = Connection(client)
+    def __init__(self, client: Any, query: Any, out: queue.Queue[Delivery],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.query, self.out, self.clock = query, out, clock
+        self.connection = Connection(client, clock)
         self.watch: Any = None
         self.subscribed_at = 0.0
         self.last_message_at = 0.0
@@ -97,24 +102,19 @@ class SnapshotFeed:
             first.set()
             self.out.put(Delivery([_change(c, read_time) for c in changes], present))
 
-        self.subscribed_at = self.last_message_at = time.monotonic()
+        self.subscribed_at = self.last_message_at = self.clock()
         self.watch = _by_path_order(self.query).on_snapshot(callback)
         self._tracked = self._track_messages(self.watch)
 
     def _track_messages(self, watch: Any) -> bool:
-        """Time-stamp every message of the stream (the SDK's consumer calls _on_response per message)."""
-        consumer: Any = getattr(watch, "_consumer", None)
-        inner = getattr(consumer, "_on_response", None)
-        if inner is None or not hasattr(watch, "current"):
+        """Time-stamp every message of the stream, to tell a slow snapshot from a stalled one."""
+        def on_message() -> None:
+            self.last_message_at = self.clock()
+
+        if not hasattr(watch, "current") or not on_watch_message(watch, on_message):
             logger.warning("firestore: this SDK version hides the stream's progress; stalls go undetected "
                            "(use --resubscribe-every)")
             return False
-
-        def on_response(response: Any) -> Any:
-            self.last_message_at = time.monotonic()
-            return inner(response)
-
-        consumer._on_response = on_response
         return True
 
     def problem(self, stall_timeout_s: float) -> str | None:
@@ -122,11 +122,11 @@ class SnapshotFeed:
         watch = self.watch
         if watch is None:
             return "not subscribed"
-        if getattr(watch, "_closed", False) or not watch.is_active:
+        if watch_closed(watch) or not watch.is_active:
             return "closed by the SDK"
         if not self._tracked or not self.connection.ready or watch.current:
             return None  # disconnected: the SDK reconnects by itself, and the listener counts the outage
-        quiet_s = time.monotonic() - max(self.last_message_at, self.connection.changed_at)
+        quiet_s = self.clock() - max(self.last_message_at, self.connection.changed_at)
         if quiet_s > stall_timeout_s:
             return f"stalled: a snapshot started {quiet_s:.0f}s ago was never completed"
         return None
@@ -156,8 +156,7 @@ def _by_path_order(query: Any) -> Any:
         left, right = a.reference.path, b.reference.path
         return (left > right) - (left < right)
 
-    query._comparator = by_path
-    return query
+    return set_watch_comparator(query, by_path)
 
 
 def _change(change: Any, read_time: Any) -> DocChange:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import socket
 import struct
 import urllib.request
 import uuid
 import zlib
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -113,6 +116,7 @@ def test_selfie_with_no_face_or_many_faces_is_refused(face_stack, sample_photos:
     status, health = http("GET", f"{base}/health")
     assert health["embedding_dim"] == 128 and health["models"]["model_id"] == "yunet-2023mar+sface-2021dec"
     assert health["insightface_ready"] is True and health["models"]["provider"]
+    assert health["model_ready"] is True and health["models"]["loaded"] is True
 
 
 def test_bad_images_are_dead_lettered_with_reasons(face_stack, sample_photos: dict[str, Path]) -> None:
@@ -193,8 +197,53 @@ def test_two_embedders_split_the_work(face_stack, sample_photos: dict[str, Path]
 
 
 
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """Read one HTTP/1.1 response with a Content-Length from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-response"
+        body += chunk
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
 def test_huge_uploads_are_refused_before_buffering(face_stack) -> None:
-    face_stack.indexer()
-    base = face_stack.bridge(FACEMATCH_BRIDGE_MAX_IMAGE_BYTES=str(2 * 1024 * 1024))
-    status, body = post_image(f"{base}/api/face/analyze", b"\xff" * (3 * 1024 * 1024))
+    limit = 2 * 1024 * 1024
+    base = face_stack.bridge(wait_for="insightface_ready", FACEMATCH_BRIDGE_MAX_IMAGE_BYTES=str(limit))
+    host, port = base.removeprefix("http://").split(":")
+    size = 3 * 1024 * 1024
+    boundary = uuid.uuid4().hex
+
+    # A client that reads before sending its body gets the 413 at once: the bridge answers from the
+    # declared Content-Length, without waiting for (let alone buffering) a byte of the body.
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /api/face/analyze HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n"
+                     f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+    assert status == 413 and "larger than" in body["error"] and headers["connection"] == "close"
+
+    # An ordinary client sends everything, then reads: it gets the 413, not a reset connection
+    # (the bridge reads and discards the rest of the body before closing).
+    status, body = post_image(f"{base}/api/face/analyze", b"\xff" * size)
     assert status == 413 and "larger than" in body["error"]
+
+    # A chunked body declares no length: it is counted as it arrives and refused at the cap.
+    conn = HTTPConnection(host, int(port), timeout=30)
+    try:
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"s.jpg\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode()
+        parts = itertools.chain([head], (b"\xff" * 65536 for _ in range(size // 65536)))
+        conn.request("POST", "/api/face/analyze", body=parts, encode_chunked=True,
+                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = conn.getresponse()
+        assert response.status == 413 and "larger than" in json.loads(response.read())["error"]
+    finally:
+        conn.close()
+    assert http("GET", f"{base}/health")[1]["broker"]["reachable"] is True  # and the bridge serves on

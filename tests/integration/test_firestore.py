@@ -10,22 +10,19 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.devbroker import free_port
-from pipeline.producers.firestore_source import FirestoreSettings
-from pipeline.producers.listener import Listener, StreamLost
 from pipeline.records import PhotoEvent
 from pipeline.serde import DEAD_LETTER, PHOTO_EVENT, SchemaRegistry
 from pipeline.settings import TopicSettings
 from pipeline.stack import ServiceProcess, spawn
 from tests.conftest import stack_env
 from tests.firestore_fixtures import *  # noqa: F401,F403 - until tests/conftest.py imports them
-from tests.firestore_fixtures import FakeQuery, require_emulator_jar, start_emulator, stop_emulator
+from tests.firestore_fixtures import require_emulator_jar, start_emulator, stop_emulator
 from tests.integration.helpers import match, unit_vectors, wait_for, wait_index_size
 
 pytestmark = [pytest.mark.integration, pytest.mark.firestore]
@@ -95,10 +92,11 @@ def procs(request: pytest.FixtureRequest):
 def start_listener(procs: list[ServiceProcess], env: dict[str, str], project: str, workdir: Path,
                    *args: str) -> ServiceProcess:
     """`python -m pipeline.producers.listener` on the test's project, ready once it has listened."""
+    ready = workdir / f"listener-{uuid.uuid4().hex[:8]}.ready"  # one per start: a killed one leaves its file
     proc = spawn("listener", "pipeline.producers.listener", env, workdir / "logs",
-                 args=["--project", project, "--state-file", str(workdir / "listener.ledger"), *args])
-    wait_for(lambda: "initial snapshot" in proc.log_path.read_text() or proc.process.poll() is not None,
-             30, "the listener's initial snapshot")
+                 args=["--project", project, "--state-file", str(workdir / "listener.ledger"),
+                       "--ready-file", str(ready), *args])
+    wait_for(lambda: ready.exists() or proc.process.poll() is not None, 30, "the listener's initial snapshot")
     procs.append(proc)
     assert proc.process.poll() is None, proc.log_tail()
     return proc
@@ -140,7 +138,6 @@ def test_listener_publishes_each_write_once_updates_and_deletes_end_to_end(
     assert all(e.source == "firestore-listener" and len(e.faces) == 1 for e in events)
     latencies = sorted(m.timestamp()[1] - written[(e.event_id, e.photo_id)] for m, e in zip(records, events))
     print(f"\nFirestore write -> Kafka record: p50 {latencies[25]} ms, max {latencies[-1]} ms")
-    assert latencies[-1] < 5000
 
     # A caption edit is not republished; a new image_url is; a delete reaches the index.
     photo_ref(firestore_db, "FE0", "p0").update({"caption": "edited"})
@@ -162,39 +159,43 @@ def test_listener_publishes_each_write_once_updates_and_deletes_end_to_end(
 def test_listener_sigkill_mid_stream_loses_nothing_and_duplicates_stay_in_the_window(
         env, firestore_db, firestore_project, photos, procs, tmp_path) -> None:
     window = 10  # --max-batch: changes acked but maybe not checkpointed when killed
-    total = 150
+    total, before_kill = 150, 80
     listener = start_listener(procs, env, firestore_project, tmp_path, "--max-batch", str(window))
     vector = unit_vectors(1, DIM, seed=4)[0].tolist()
+    killed = threading.Event()
     progress = {"written": 0}
 
     def writer() -> None:
         # Batches of 5: the emulator answers each commit by re-sending every
         # document of the listen target, so single writes would cost O(N) each.
         for start in range(0, total, 5):
+            if start == before_kill:
+                killed.wait(60)  # the rest is written while the listener is down and restarting
             batch = firestore_db.batch()
             for i in range(start, start + 5):
                 batch.set(photo_ref(firestore_db, f"K{i % 4}", f"p{i}"), {"embedding": vector})
             batch.commit()
             progress["written"] = start + 5
-            time.sleep(0.03)
 
     thread = threading.Thread(target=writer)
     thread.start()
     try:
         wait_for(lambda: len(photos.poll(0.05)) >= 40, 20, "40 photos published before the kill", interval_s=0)
         listener.kill()
-        killed_at = progress["written"]
+        killed.set()
+        published_at_kill = len(keys(photos.events()))
         photo_ref(firestore_db, "K0", "p0").delete()  # deleted while no listener runs
         start_listener(procs, env, firestore_project, tmp_path, "--max-batch", str(window))
     finally:
+        killed.set()
         thread.join()
-    assert 40 <= killed_at < total, "the kill must land mid-stream"
+    assert published_at_kill < total and progress["written"] == total, "the kill must land mid-stream"
     wait_for(lambda: photos.poll(0.2) and len(keys(photos.events())) >= total, 30, "every photo published")
     photos.poll(1.0)
     upserts = keys(photos.events())
     assert set(upserts) == {(f"K{i % 4}", f"p{i}") for i in range(total)}  # none missing
     duplicates = sum(upserts.values()) - total
-    print(f"\nkilled after {killed_at} writes: {duplicates} duplicates (window {window})")
+    print(f"\nkilled after {published_at_kill} photos were published: {duplicates} duplicates (window {window})")
     assert duplicates <= window
     assert keys(photos.events(), "DELETE") == Counter({("K0", "p0"): 1})  # found on the restart's snapshot
 
@@ -240,36 +241,7 @@ def test_listener_exits_with_status_3_when_it_cannot_listen_for_too_long(
         listener = start_listener(procs, env, "gone", tmp_path, "--give-up-after", "4")
     finally:
         stop_emulator(emulator)  # for good
-    assert listener.process.wait(timeout=60) == 3, listener.log_tail()
-    assert any(" ERROR " in line and "no working listen stream for" in line
-               for line in listener.log_path.read_text().splitlines())
-
-
-def test_watchdog_replaces_a_stalled_or_closed_watch_then_gives_up() -> None:
-    query = FakeQuery()
-    ctx: Any = SimpleNamespace(client=SimpleNamespace(collection_group=lambda name: query),
-                               settings=FirestoreSettings())
-    listener = Listener(ctx, stall_timeout_s=0.3, give_up_after_s=3.0)
-    listener._subscribe()
-    watch = query.watches[0]
-    watch.current = False  # the server started a snapshot (a RESET) and sends its documents
-    for _ in range(4):
-        time.sleep(0.15)
-        watch.message()
-        listener._keep_subscribed()
-    assert query.watches == [watch] and not watch.unsubscribed
-    # ... then nothing more: a stall.
-    wait_for(lambda: listener._keep_subscribed() or len(query.watches) == 2, 5, "a re-subscribe after a stall")
-    assert watch.unsubscribed
-    query.watches[1]._closed = True  # the SDK gives up on the new stream
-    wait_for(lambda: listener._keep_subscribed() or len(query.watches) == 3, 5, "a re-subscribe after a close")
-    query.broken = query.watches[2]._closed = True  # from now on every stream is closed at once
-    started = time.monotonic()
-    with pytest.raises(StreamLost):
-        while time.monotonic() - started < 10:
-            listener._keep_subscribed()
-            time.sleep(0.05)
-    assert 3.0 <= time.monotonic() - started < 5 and len(query.watches) >= 4  # it kept trying with backoff
+    assert listener.process.wait(timeout=60) == 3, listener.log_tail()  # the status a supervisor acts on
 
 
 def test_bulk_ingest_one_event_then_all_idempotent_and_incremental(
@@ -371,8 +343,6 @@ def test_malformed_documents_go_to_the_dlq_with_reasons(
         assert json.loads(envelope["value"])["data"] == bad[photo_id][0]  # the document itself
         by_photo[photo_id] = headers["dlq.reason"]
     assert by_photo == {photo_id: reason for photo_id, (_, reason) in bad.items()}
-    listener.stop()
-    assert "dead-letter events/DL/photos/short: invalid_embedding" in listener.log_path.read_text()
 
 
 def fake_service_account(folder: Path, project: str) -> Path:

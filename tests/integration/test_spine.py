@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from http.client import HTTPConnection
+
 import numpy as np
 
+from pipeline.matcher.auth import hash_key
 from tests.integration.helpers import http, match, unit_vectors, wait_for, wait_index_size
 
 DIM = 512
@@ -82,12 +86,16 @@ def test_bad_bodies_get_clear_4xx(stack) -> None:
     assert status == 422 and "event_id" in body["error"]
     status, body = http("POST", f"{base}/api/v2/ingest", {"event_id": "a/b", "photo_id": "p", "image_url": "x"})
     assert status == 422 and "event_id" in body["error"]
+    for url in ("file:///etc/passwd", "gopher://127.0.0.1:6379/_", "http://user:pw@example.com/a.jpg"):
+        status, body = http("POST", f"{base}/api/v2/ingest", {"event_id": "E", "photo_id": "p", "image_url": url})
+        assert status == 422 and "image_url" in body["error"], (url, body)
     # An unknown event is not an error: no matches, and a flag saying it has no faces.
     status, body = http("POST", f"{base}/api/v2/match", {"event_id": "nobody", "user_embedding": [0.1] * DIM})
     assert status == 200 and body["matches"] == [] and body["event_has_faces"] is False
     status, health = http("GET", f"{base}/health")
     assert status == 200 and health["embedding_dim"] == DIM and health["broker"]["reachable"] is True
     assert health["partitions_owned"] == health["partitions"] == stack.topics.partitions
+    assert health["ready"] is True and health["status"] == "ok" and health["model_ready"] is True
     status, openapi = http("GET", f"{base}/openapi.json")
     assert status == 200 and {"/api/v2/ingest", "/api/v2/match", "/api/v2/match/image", "/api/face/analyze",
                               "/health"} <= set(openapi["paths"])
@@ -97,11 +105,16 @@ def test_match_times_out_with_504_when_no_indexer(stack) -> None:
     base = stack.bridge(wait_for="insightface_ready", FACEMATCH_BRIDGE_TIMEOUT_S="1.0")
     status, body = http("POST", f"{base}/api/v2/match", {"event_id": "E", "user_embedding": [0.1] * DIM})
     assert status == 504 and "no reply" in body["error"]
+    # No partition has an owner: not ready, and /health says so with its status code too.
+    status, health = http("GET", f"{base}/health")
+    assert status == 503 and health["ready"] is False and health["status"] == "starting"
+    assert health["insightface_ready"] is True and health["model_ready"] is True
 
 
 def test_api_keys_are_scoped_by_role_and_event(stack) -> None:
     stack.indexer()
-    base = stack.bridge(FACEMATCH_API_KEYS="ing-key:ingest:E1;match-key:match:*")
+    # Hashed (the documented form) and plain (still accepted, with a warning at startup).
+    base = stack.bridge(FACEMATCH_API_KEYS=f"{hash_key('ing-key')}:ingest:E1;match-key:match:*")
     body = {"event_id": "E1", "photo_id": "p", "embedding": [0.1] * DIM}
     assert http("POST", f"{base}/api/v2/ingest", body)[0] == 401
     assert http("POST", f"{base}/api/v2/ingest", body, headers={"X-API-Key": "match-key"})[0] == 403
@@ -111,4 +124,16 @@ def test_api_keys_are_scoped_by_role_and_event(stack) -> None:
     query = {"event_id": "E1", "user_embedding": [0.1] * DIM}
     assert http("POST", f"{base}/api/v2/match", query, headers={"X-API-Key": "ing-key"})[0] == 403
     assert http("POST", f"{base}/api/v2/match", query, headers={"X-API-Key": "match-key"})[0] == 200
-    assert http("GET", f"{base}/health")[0] == 200  # health stays open for probes
+    assert http("GET", f"{base}/health")[0] in (200, 503)  # open for probes: never 401
+    assert "plain-text key" in next(p for p in stack.procs if p.name == "bridge").log_path.read_text()
+    # Non-ASCII or binary keys are unknown keys: a JSON 401, never a 500.
+    host, port = base.removeprefix("http://").split(":")
+    for raw in ("ключ".encode(), "clé".encode(), b"\xff\xfe"):
+        conn = HTTPConnection(host, int(port), timeout=15)
+        try:
+            conn.request("POST", "/api/v2/ingest", body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json", "X-API-Key": raw})
+            response = conn.getresponse()
+            assert response.status == 401 and json.loads(response.read())["error"] == "unknown API key"
+        finally:
+            conn.close()

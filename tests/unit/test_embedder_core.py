@@ -86,3 +86,24 @@ def test_images_are_batched_and_boxes_mapped_to_original_pixels() -> None:
     assert len(faces) == 5 and all(len(f.faces) == 2 for f in faces)
     assert faces[0].faces[0].bbox == (20, 40, 60, 80)  # decoded at half size
     assert faces[0].model_id == "fake-1" and faces[0].dim == 4
+
+
+def test_faces_carry_the_loaded_models_id_not_the_declared_one() -> None:
+    """A pack corrects its spec on load (InsightFace reads the recognizer's real output)."""
+    declared = ModelSpec(name="pack", model_id="insightface-pack", dim=4, default_threshold=0.4, license="test")
+    model = FakeModel()
+    model.spec = ModelSpec(name="pack", model_id="insightface-pack-loaded", dim=4, default_threshold=0.4,
+                           license="test")
+    core = EmbedderCore(declared, model, fetch, decode)  # type: ignore[arg-type]
+    results = core.process([PhotoEvent("E", "p1", image_url="http://x/1.jpg"),
+                            PhotoEvent("E", "p2", faces=[PrecomputedFace(embedding=[0, 1, 0, 0])]),
+                            PhotoEvent("E", "", op="DELETE_EVENT")])
+    assert all(isinstance(r, PhotoFaces) and r.model_id == "insightface-pack-loaded" for r in results)
+
+
+def test_model_none_labels_precomputed_faces_precomputed() -> None:
+    from pipeline.facelib.spec import precomputed_spec
+
+    core = EmbedderCore(precomputed_spec(4), None, None, None)
+    [result] = core.process([PhotoEvent("E", "p", faces=[PrecomputedFace(embedding=[1, 0, 0, 0])])])
+    assert isinstance(result, PhotoFaces) and result.model_id == "precomputed" and result.dim == 4

@@ -180,27 +180,28 @@ def test_500_is_transient_and_a_retry_succeeds(http_server) -> None:  # type: ig
 
 def test_slow_headers_time_out_as_transient(http_server) -> None:  # type: ignore[no-untyped-def]
     site = http_server({"/slow": slow(5.0, BODY)})
-    started = time.monotonic()
-    with fetcher() as f, pytest.raises(TransientError) as err:
+    # A total deadline far away: only the 0.4 s read timeout can end this before the body comes at 5 s.
+    with fetcher(total_timeout_s=30.0) as f, pytest.raises(TransientError) as err:
         f.fetch(site.url("/slow"))
     assert err.value.reason == "fetch_timeout"
-    assert time.monotonic() - started < 0.9  # the 0.4 s read timeout, not the 5 s sleep
+    assert "sent nothing for 0.4s" in str(err.value)
 
 
-@pytest.mark.parametrize("interval_s", [0.05, 0.5])
+@pytest.mark.parametrize("interval_s", [0.05, 8.0])
 def test_dripping_body_stops_at_the_total_deadline(http_server, interval_s: float) -> None:  # type: ignore[no-untyped-def]
     """Each byte arrives within the read timeout, so only the wall-clock deadline can stop it.
 
-    With 0.5 s gaps a plain per-recv timeout would overshoot to the next byte (~1.0 s);
-    the fetcher shrinks the socket timeout to what is left of the deadline.
+    With 8 s gaps a deadline checked only between reads would overshoot to the next
+    byte (8 s); the fetcher shrinks the socket timeout to what is left of the deadline.
+    The bound is wide on purpose: it tells 0.6 s from 8 s on a loaded machine.
     """
     site = http_server({"/drip": drip(b"x" * 200, interval_s=interval_s)})
     started = time.monotonic()
-    with fetcher(total_timeout_s=0.6, read_timeout_s=2.0) as f, pytest.raises(TransientError) as err:
+    with fetcher(total_timeout_s=0.6, read_timeout_s=10.0) as f, pytest.raises(TransientError) as err:
         f.fetch(site.url("/drip"))
     assert err.value.reason == "fetch_timeout"
     assert "total deadline of 0.6s" in str(err.value)
-    assert 0.55 < time.monotonic() - started < 0.95
+    assert 0.55 < time.monotonic() - started < 4.0
 
 
 def test_connection_refused_is_transient() -> None:
@@ -227,15 +228,14 @@ def test_dns_failure_is_transient(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_byte_cap_is_enforced(http_server, chunked: bool) -> None:  # type: ignore[no-untyped-def]
-    site = http_server({"/huge": huge(50 * 1024 * 1024, chunked=chunked), "/fits": b"y" * 64 * 1024})
-    started = time.monotonic()
+    # 8 GiB in at most the 1 s total deadline: only a fetcher that stops at the cap ends with image_too_large.
+    site = http_server({"/huge": huge(8 * 1024**3, chunked=chunked), "/fits": b"y" * 64 * 1024})
     with fetcher() as f:
         with pytest.raises(PoisonRecord) as err:
             f.fetch(site.url("/huge"))
         assert len(f.fetch(site.url("/fits"))) == 64 * 1024  # exactly at the cap is fine
     assert err.value.reason == "image_too_large"
-    assert ("declares 52428800 bytes" in str(err.value)) is not chunked
-    assert time.monotonic() - started < 2.0  # aborted early, not after 50 MiB
+    assert ("declares 8589934592 bytes" in str(err.value)) is not chunked
 
 
 @pytest.mark.parametrize(

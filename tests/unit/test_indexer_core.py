@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.errors import PoisonRecord
 from pipeline.indexer.core import IndexerConfig, IndexerCore
 from pipeline.indexer.state import load_snapshot, save_snapshot
 from pipeline.records import Face, MatchRequest, PhotoFaces
@@ -112,3 +113,148 @@ def test_snapshot_for_another_dimension_is_ignored(core: IndexerCore, tmp_path: 
     core.apply_faces(0, 0, "E", "p", photo("E", "p", [unit(np.random.default_rng(5))]))
     save_snapshot(core.partitions[0], tmp_path / "s.npz")
     assert load_snapshot(tmp_path / "s.npz", 0, DIM * 2) is None
+
+
+# -- erasure: event deletes, the delete ledger, stale snapshots -----------------------------
+
+def delete_event(event: str) -> PhotoFaces:
+    return PhotoFaces(event, "", "m", DIM, op="DELETE_EVENT")
+
+
+def apply(core: IndexerCore, offset: int, event: str, photo_id: str | None, faces: PhotoFaces | None) -> list[str]:
+    erased = core.apply_faces(0, offset, event, photo_id, faces)
+    core.cover(0, offset)
+    return erased
+
+
+def test_event_delete_returns_its_photos_once(core: IndexerCore) -> None:
+    rng = np.random.default_rng(6)
+    apply(core, 0, "E", "p1", photo("E", "p1", [unit(rng)]))
+    apply(core, 1, "E", "p2", photo("E", "p2", [unit(rng), unit(rng)]))
+    apply(core, 2, "F", "q", photo("F", "q", [unit(rng)]))
+    assert apply(core, 3, "E", None, delete_event("E")) == ["p1", "p2"]
+    # Redelivered before its tombstones reached the topic (delivery failed): emit them again.
+    assert apply(core, 3, "E", None, delete_event("E")) == ["p1", "p2"]
+    assert apply(core, 4, "E", "p1", None) == []  # its own tombstones come back through the topic
+    assert apply(core, 3, "E", None, delete_event("E")) == ["p2"]
+    apply(core, 5, "E", "p2", None)
+    assert core.partitions[0].pending_tombstones == {}
+    assert apply(core, 3, "E", None, delete_event("E")) == []  # replayed again: nothing left to erase
+    assert ask(core, "E", unit(rng)).status == "NO_FACES"
+    assert ask(core, "F", unit(rng), threshold=-1).index_size == 1
+
+
+def test_faces_older_than_a_recorded_delete_are_skipped(core: IndexerCore) -> None:
+    rng = np.random.default_rng(7)
+    v = unit(rng)
+    apply(core, 10, "E", None, delete_event("E"))
+    apply(core, 11, "G", "g", photo("G", "g", [v]))
+    apply(core, 12, "G", "g", None)
+    # Records from before those deletes (e.g. merged from elsewhere) must not resurrect anything.
+    core.apply_faces(0, 5, "E", "p1", photo("E", "p1", [v]))
+    core.apply_faces(0, 11, "G", "g", photo("G", "g", [v]))
+    assert ask(core, "E", v).status == "NO_FACES" and ask(core, "G", v).status == "NO_FACES"
+    # A re-upload after the delete is new data and is indexed.
+    apply(core, 13, "E", "p1", photo("E", "p1", [v]))
+    assert [m.photo_id for m in ask(core, "E", v).matches] == ["p1"]
+
+
+def test_stale_snapshot_then_compacted_replay_keeps_deleted_faces_gone(core: IndexerCore, tmp_path: Path) -> None:
+    """Another indexer's snapshot from before the delete, then the compacted log replayed from it."""
+    rng = np.random.default_rng(8)
+    vectors = {f"p{i}": unit(rng) for i in range(4)}
+    for i, (photo_id, v) in enumerate(vectors.items()):
+        apply(core, i, "E", photo_id, photo("E", photo_id, [v]))
+    keep = unit(rng)
+    apply(core, 4, "F", "f", photo("F", "f", [keep]))
+    stale = tmp_path / "stale.npz"
+    save_snapshot(core.partitions[0], stale)  # covers offsets 0-4: E has every face
+    erased = apply(core, 5, "E", None, delete_event("E"))
+    for j, photo_id in enumerate(erased):
+        apply(core, 6 + j, "E", photo_id, None)  # the tombstones the stage produced
+    fresh = tmp_path / "fresh.npz"
+    save_snapshot(core.partitions[0], fresh)
+    assert load_snapshot(fresh, 0, DIM, "m") is not None
+    assert load_snapshot(fresh, 0, DIM, "m").deleted_events == {"E": 5}  # type: ignore[union-attr]
+
+    # After compaction the log keeps the DELETE_EVENT (its key is the event) and maybe some
+    # per-photo records; tombstones may be purged. Every variant leaves E empty.
+    compacted_logs: list[list[tuple[int, str | None, PhotoFaces | None]]] = [
+        [(5, None, delete_event("E"))],                                       # tombstones purged
+        [(5, None, delete_event("E")), (6, "p0", None), (7, "p1", None)],     # some tombstones left
+        [(3, "p3", photo("E", "p3", [vectors["p3"]])), (5, None, delete_event("E"))],  # not yet compacted
+    ]
+    for log in compacted_logs:
+        restored = IndexerCore(core.config)
+        state = load_snapshot(stale, 0, DIM, "m")
+        assert state is not None
+        restored.partitions[0] = state
+        for offset, photo_id, faces in log:
+            if offset >= state.next_offset:
+                restored.apply_faces(0, offset, "E", photo_id, faces)
+                restored.cover(0, offset)
+        for v in vectors.values():
+            assert ask(restored, "E", v, threshold=-1).status == "NO_FACES"
+        assert [m.photo_id for m in ask(restored, "F", keep).matches] == ["f"]
+        # A snapshot written now carries the delete, so it cannot bring E back either.
+        save_snapshot(restored.partitions[0], tmp_path / "again.npz")
+        again = load_snapshot(tmp_path / "again.npz", 0, DIM, "m")
+        assert again is not None and "E" not in again.events and again.deleted_events["E"] == 5
+
+
+def test_snapshot_older_than_tombstone_retention_is_ignored(core: IndexerCore, tmp_path: Path) -> None:
+    apply(core, 0, "E", "p", photo("E", "p", [unit(np.random.default_rng(9))]))
+    path = tmp_path / "s.npz"
+    save_snapshot(core.partitions[0], path)
+    assert load_snapshot(path, 0, DIM, "m", max_age_s=60) is not None
+    assert load_snapshot(path, 0, DIM, "m", max_age_s=-1) is None  # "older than" the limit: replay instead
+
+
+def test_stale_unowned_snapshots_are_removed(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from pipeline.indexer.state import remove_stale_snapshots
+
+    owned, old, young = (tmp_path / f"partition-{i:04d}.npz" for i in range(3))
+    for path in (owned, old, young):
+        path.write_bytes(b"x")
+    long_ago = time.time() - 3600
+    os.utime(owned, (long_ago, long_ago))
+    os.utime(old, (long_ago, long_ago))
+    assert remove_stale_snapshots(tmp_path, {owned}, max_age_s=60) == [old]
+    assert owned.exists() and young.exists() and not old.exists()
+
+
+# -- model identity ------------------------------------------------------------------------------
+
+def test_faces_of_another_model_are_refused_even_with_the_same_dim(core: IndexerCore) -> None:
+    v = unit(np.random.default_rng(10))
+    other = PhotoFaces("E", "p", model_id="other-model", dim=DIM,
+                       faces=[Face(bbox=(0, 0, 1, 1), det_score=1.0, embedding=v)])
+    with pytest.raises(PoisonRecord) as info:
+        core.apply_faces(0, 0, "E", "p", other)
+    assert info.value.reason == "model_mismatch"
+    assert ask(core, "E", v).status == "NO_FACES"
+    # Deletes carry a model_id too, but erasing never depends on it.
+    core.apply_faces(0, 1, "E", "p", photo("E", "p", [v]))
+    assert core.apply_faces(0, 2, "E", None, PhotoFaces("E", "", "other-model", DIM, op="DELETE_EVENT")) == ["p"]
+
+
+def test_precomputed_model_id_works_with_model_none() -> None:
+    from pipeline.facelib.spec import precomputed_spec
+
+    spec = precomputed_spec(DIM)
+    core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold))
+    v = unit(np.random.default_rng(11))
+    faces = PhotoFaces("E", "p", model_id="precomputed", dim=DIM,
+                       faces=[Face(bbox=(0, 0, 1, 1), det_score=1.0, embedding=v)])
+    core.apply_faces(0, 0, "E", "p", faces)
+    assert [m.photo_id for m in ask(core, "E", v).matches] == ["p"]
+
+
+def test_snapshot_of_another_model_is_ignored(core: IndexerCore, tmp_path: Path) -> None:
+    core.apply_faces(0, 0, "E", "p", photo("E", "p", [unit(np.random.default_rng(12))]))
+    save_snapshot(core.partitions[0], tmp_path / "s.npz")
+    assert load_snapshot(tmp_path / "s.npz", 0, DIM, "m") is not None
+    assert load_snapshot(tmp_path / "s.npz", 0, DIM, "another-model-of-the-same-dim") is None
