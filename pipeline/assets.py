@@ -188,7 +188,7 @@ def _pip_download(archive: Archive, dest: Path) -> Path:
 def _npm_pack(archive: Archive, dest: Path) -> Path:
     proc = _run(["npm", "pack", archive.spec, "--json", "--ignore-scripts"], cwd=dest)
     try:
-        filename = json.loads(proc.stdout)[0]["filename"]
+        filename = str(json.loads(proc.stdout)[0]["filename"])
     except (ValueError, LookupError, TypeError) as exc:
         raise AssetUnavailable(f"npm pack {archive.spec}: unexpected output") from exc
     return dest / filename

@@ -27,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _resolve(target: str) -> Callable[[list[str]], int]:
     module, func = target.split(":")
-    return getattr(import_module(module), func)
+    entry: Callable[[list[str]], int] = getattr(import_module(module), func)
+    return entry
 
 
 def usage() -> str:

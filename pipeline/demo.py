@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from pipeline.assets import fetch_sample_photos, fetch_sface_models
 from pipeline.devbroker import free_port, start_broker
@@ -43,12 +44,13 @@ def serve_photos(directory: Path) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def call(method: str, url: str, body: bytes | None = None, content_type: str = "application/json") -> dict:
+def call(method: str, url: str, body: bytes | None = None, content_type: str = "application/json") -> dict[str, Any]:
     """One HTTP call to the bridge; raises with the bridge's error message."""
-    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": content_type})
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": content_type})  # noqa: S310
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (the local bridge's http URL)
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"{method} {url}: {exc.code} {exc.read().decode()}") from exc
 

@@ -172,7 +172,7 @@ def start_broker(port: int | None = None, durable_dir: Path | None = None,
     storage = "memory://tansu/"
     if durable_dir is not None:
         env.update(AWS_ENDPOINT="http://127.0.0.1:8333", AWS_ALLOW_HTTP="true",
-                   AWS_ACCESS_KEY_ID="facematch", AWS_SECRET_ACCESS_KEY="facematch",
+                   AWS_ACCESS_KEY_ID="facematch", AWS_SECRET_ACCESS_KEY="facematch",  # noqa: S106 (loopback-only dev S3)
                    AWS_DEFAULT_REGION="us-east-1")
         s3 = _start_seaweed(durable_dir, log, env)
         storage = "s3://tansu/"

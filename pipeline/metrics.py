@@ -91,5 +91,6 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
 def serve_metrics(metrics: Metrics, port: int) -> None:
     """Expose /metrics on `port` (0 disables)."""
     if port:
-        start_http_server(port, addr="0.0.0.0", registry=metrics.registry)
+        # All interfaces: Prometheus scrapes from another host or container.
+        start_http_server(port, addr="0.0.0.0", registry=metrics.registry)  # noqa: S104
         logger.info("metrics on :%d/metrics", port)

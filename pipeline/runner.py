@@ -25,118 +25,28 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.deadletter import DeadLetterSource, dead_letter_output
+from pipeline.delivery import DeliveryFailed, DeliveryTrack
 from pipeline.errors import PoisonRecord, TransientError
 from pipeline.kafka import Output, produce_with_retry
 from pipeline.metrics import Metrics
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import RunnerSettings
+from pipeline.stage_api import BaseStage, Control, Incoming, Outcome, Stage, StageContractError
+
+# Stages import these from pipeline.stage_api; tests and older code may import them from here.
+__all__ = ["BaseStage", "Control", "DeliveryFailed", "Incoming", "Outcome", "Output", "Runner", "Stage",
+           "StageContractError"]
 
 logger = logging.getLogger(__name__)
 
 TP = tuple[str, int]
 MAX_REWINDS = 3
-
-# Delivery errors that no retry fixes: the record is dead-lettered instead of
-# being redelivered forever (e.g. a reply topic or partition that does not exist).
-PERMANENT_DELIVERY_ERRORS = frozenset({
-    KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
-    KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.INVALID_MSG_SIZE,
-})
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A consumed record, without Kafka objects."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes] = field(default_factory=dict)
-    timestamp_ms: int = 0
-
-
-Outcome = list[Output] | BaseException
-
-
-class StageContractError(Exception):
-    """The stage returned a wrong number of outcomes for a single record."""
-
-    reason = "stage_contract"
-
-
-class DeliveryFailed(Exception):
-    """An output of the record can never be delivered (unknown topic/partition, too large)."""
-
-    reason = "delivery_failed"
-
-
-class Control(Protocol):
-    """What a stage may ask of the consumer, between batches."""
-
-    def pause(self, topic: str, partition: int) -> None: ...
-    def resume(self, topic: str, partition: int) -> None: ...
-    def high_watermark(self, topic: str, partition: int) -> int: ...
-
-
-class Stage(Protocol):
-    """A stage adapter: decodes, calls its pure core, encodes outputs."""
-
-    name: str
-
-    def handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
-        """One outcome per record, in order: outputs, or the exception it raised."""
-        ...
-
-    def on_assign(self, partitions: list[tuple[str, int]], control: Control) -> dict[tuple[str, int], int]:
-        """Called on assignment; returns start offsets to override (e.g. snapshots)."""
-        ...
-
-    def after_assign(self, partitions: list[tuple[str, int]], control: Control) -> None:
-        """Called once the assignment is in effect (pausing works from here)."""
-        ...
-
-    def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
-        """Called before partitions go away (snapshot, drop state)."""
-        ...
-
-    def after_batch(self, control: Control) -> None:
-        """Periodic work between batches (snapshots, resuming caught-up partitions)."""
-        ...
-
-    def close(self) -> None:
-        """Final flush of the stage's own state on graceful stop."""
-        ...
-
-
-class BaseStage:
-    """No-op hooks, so a stateless stage only writes `handle`."""
-
-    name = "stage"
-
-    def on_assign(self, partitions: list[tuple[str, int]], control: Control) -> dict[tuple[str, int], int]:
-        """No start offsets to override."""
-        return {}
-
-    def after_assign(self, partitions: list[tuple[str, int]], control: Control) -> None:
-        """Nothing to pause."""
-
-    def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
-        """No state to drop."""
-
-    def after_batch(self, control: Control) -> None:
-        """No periodic work."""
-
-    def close(self) -> None:
-        """No state to flush."""
 
 
 class _KafkaControl:
@@ -176,8 +86,8 @@ class _KafkaControl:
         self.runner_paused.difference_update(keys)
 
     def high_watermark(self, topic: str, partition: int) -> int:
-        # The cached watermark comes with fetch responses; it is right on every
-        # broker, while ListOffsets is not on some (see FACTS). -1 = unknown yet.
+        # The cached watermark comes with fetch responses and is right on every
+        # broker; a ListOffsets answer is not (Tansu's memory mode). -1 = unknown yet.
         low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
         return int(high) if high is not None and high >= 0 else -1
 
@@ -192,32 +102,6 @@ class _Hold:
     not_before: float
     paused: bool = True
     misses: int = 0  # batches of this partition that came without the held record
-
-
-@dataclass
-class _Track:
-    """Delivery state of one record's outputs (its DLQ record, once dead-lettered)."""
-
-    item: Incoming
-    attempts: int
-    dead_letter: bool
-    pending: int = 0
-    permanent: list[str] = field(default_factory=list)
-    transient: list[str] = field(default_factory=list)
-
-    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        self.pending -= 1
-        if err is not None:
-            self.failed(err, msg.topic(), msg.partition())
-
-    def failed(self, err: KafkaError, topic: str, partition: int | None) -> None:
-        where = topic if partition is None or partition < 0 else f"{topic}[{partition}]"
-        errors = self.permanent if err.code() in PERMANENT_DELIVERY_ERRORS else self.transient
-        errors.append(f"{where}: {err.name()}: {err.str()}")
-
-    @property
-    def delivered(self) -> bool:
-        return self.pending == 0 and not self.permanent and not self.transient
 
 
 def _incoming(msg: Message) -> Incoming:
@@ -296,7 +180,7 @@ class Runner:
         started = time.perf_counter()
         batch = self._admit([_incoming(m) for m in messages])
         outcomes = self._safe_handle(batch) if batch else []
-        tracks: list[_Track] = []
+        tracks: list[DeliveryTrack] = []
         held: set[TP] = set()
         for item, outcome in zip(batch, outcomes):
             key = (item.topic, item.partition)
@@ -381,8 +265,8 @@ class Runner:
                 hold.paused = False
                 self.control.release(key)
 
-    def _emit(self, item: Incoming, outcome: Outcome, attempts: int) -> _Track:
-        track = _Track(item, attempts, dead_letter=isinstance(outcome, BaseException))
+    def _emit(self, item: Incoming, outcome: Outcome, attempts: int) -> DeliveryTrack:
+        track = DeliveryTrack(item, attempts, dead_letter=isinstance(outcome, BaseException))
         if isinstance(outcome, BaseException):
             self._dead_letter(track, outcome)
         else:
@@ -390,7 +274,7 @@ class Runner:
                 self._produce(track, out)
         return track
 
-    def _dead_letter(self, track: _Track, error: BaseException) -> None:
+    def _dead_letter(self, track: DeliveryTrack, error: BaseException) -> None:
         item = track.item
         reason = getattr(error, "reason", None) or "unexpected_error"
         if not isinstance(error, (PoisonRecord, TransientError, DeliveryFailed)):
@@ -405,14 +289,14 @@ class Runner:
         track.dead_letter = True
         self.metrics.dead_letters.labels(self.stage.name, reason).inc()
 
-    def _produce(self, track: _Track, out: Output) -> None:
+    def _produce(self, track: DeliveryTrack, out: Output) -> None:
         try:
             produce_with_retry(self.producer, out, track.on_delivery)
             track.pending += 1
         except KafkaException as exc:  # refused locally (too large, unknown partition)
             track.failed(exc.args[0], out.topic, out.partition)
 
-    def _flush_and_dead_letter(self, tracks: Sequence[_Track]) -> None:
+    def _flush_and_dead_letter(self, tracks: Sequence[DeliveryTrack]) -> None:
         """Wait for the acks; dead-letter records whose outputs can never be delivered."""
         self.producer.flush(self.settings.flush_timeout_s)
         undeliverable = [t for t in tracks if t.permanent and not t.transient and not t.dead_letter]
@@ -423,7 +307,7 @@ class Runner:
         if undeliverable:
             self.producer.flush(self.settings.flush_timeout_s)
 
-    def _settle(self, tracks: Sequence[_Track]) -> list[Incoming]:
+    def _settle(self, tracks: Sequence[DeliveryTrack]) -> list[Incoming]:
         """Records whose outputs are all acked, up to the first undelivered one per partition."""
         done: list[Incoming] = []
         stalled: set[TP] = set()
@@ -439,7 +323,7 @@ class Runner:
             done.append(track.item)
         return done
 
-    def _raise_if_undelivered(self, tracks: Sequence[_Track]) -> None:
+    def _raise_if_undelivered(self, tracks: Sequence[DeliveryTrack]) -> None:
         """Broker trouble: stop with the rest unstored, so it is redelivered after the restart.
 
         Not retried in-process: stateful stages (the indexer) have already applied

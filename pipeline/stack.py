@@ -18,6 +18,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.devbroker import start_broker
 from pipeline.logs import setup_logging
@@ -72,17 +73,17 @@ def spawn(name: str, module: str, env: dict[str, str], log_dir: Path,
     return ServiceProcess(name, proc, log_path)
 
 
-def get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
+def get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
     """GET a JSON document; (status, body), also for 4xx/5xx answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (our services' http URLs)
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
 def wait_ready(base_url: str, timeout_s: float, watch: list[ServiceProcess] | None = None,
-               field: str = "ready") -> dict:
+               field: str = "ready") -> dict[str, Any]:
     """Wait until /health says `field` is true; fail early if a watched process dies."""
     deadline = time.monotonic() + timeout_s
     last: object = None

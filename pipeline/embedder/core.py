@@ -88,8 +88,7 @@ class EmbedderCore:
         if to_embed:
             for i, result in zip(to_embed, self._embed_images([events[i] for i in to_embed]), strict=True):
                 results[i] = result
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+        return _all_filled(results)
 
     def _without_model(self, event: PhotoEvent) -> FacesChange | None:
         check_id("event_id", event.event_id)
@@ -110,7 +109,8 @@ class EmbedderCore:
         return None
 
     def _embed_images(self, events: list[PhotoEvent]) -> list[Result]:
-        assert self.model is not None
+        if self.model is None:  # _without_model() refuses these events first
+            raise RuntimeError("no face model to embed images with")
         started = time.perf_counter()
         decoded = list(self._pool.map(self._fetch_and_decode, events))
         self.last_fetch_s = time.perf_counter() - started
@@ -132,8 +132,9 @@ class EmbedderCore:
         return results
 
     def _fetch_and_decode(self, event: PhotoEvent) -> DecodedImage | BaseException:
-        assert self.fetch is not None and self.decode is not None and event.image_url
         try:
+            if self.fetch is None or self.decode is None or not event.image_url:
+                raise RuntimeError("fetching needs a fetcher, a decoder and an image_url")
             return self.decode(self.fetch(event.image_url))
         except Exception as exc:  # PoisonRecord / TransientError flow to the runner
             return exc
@@ -147,3 +148,11 @@ def _to_original(face: DetectedFace, scale: float) -> Face:
     mapped = to_original(face, scale)
     return Face(bbox=mapped.bbox, det_score=mapped.det_score, landmarks=mapped.landmarks,
                 embedding=np.asarray(mapped.embedding, dtype=np.float32))
+
+
+def _all_filled(results: Sequence[Result | None]) -> list[Result]:
+    """The results, once every slot has one (a None left is a bug in this module)."""
+    filled = [r for r in results if r is not None]
+    if len(filled) != len(results):
+        raise RuntimeError(f"{len(results) - len(filled)} events got no result")
+    return filled

@@ -353,7 +353,8 @@ class ImageFetcher:
                 failure = exc
             except requests.Timeout as exc:  # ReadTimeout: no response headers in time
                 raise self._broken(exc, target, deadline) from None
-        assert failure is not None
+        if failure is None:  # the loop above returns or sets it on every path
+            raise RuntimeError(f"no address of {target.host} was tried")
         raise self._broken(failure, target, deadline) from None
 
     def _broken(self, exc: Exception, target: _Target, deadline: float) -> TransientError:

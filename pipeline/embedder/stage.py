@@ -10,8 +10,8 @@ from pipeline.errors import PoisonRecord
 from pipeline.kafka import Output
 from pipeline.metrics import Metrics
 from pipeline.records import PhotoEvent, faces_key
-from pipeline.runner import BaseStage, Incoming, Outcome
 from pipeline.serde import PHOTO_EVENT, PHOTO_FACES, SchemaRegistry
+from pipeline.stage_api import BaseStage, Incoming, Outcome
 from pipeline.topics import partition_for
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ class EmbedderStage(BaseStage):
                          self.core.last_fetch_s * 1000, self.core.last_model_s * 1000)
         for i, result in zip(positions, results, strict=True):
             outcomes[i] = result if isinstance(result, BaseException) else [self._output(result)]
-        assert all(o is not None for o in outcomes)
-        return outcomes  # type: ignore[return-value]
+        filled = [o for o in outcomes if o is not None]
+        if len(filled) != len(outcomes):  # the runner dead-letters the batch record by record
+            raise RuntimeError(f"{len(outcomes) - len(filled)} records got no outcome")
+        return filled
 
     def _output(self, change: object) -> Output:
         # The key names the photo (compaction), the partition comes from

@@ -119,4 +119,5 @@ def dumps_meta(meta: dict[str, Any]) -> np.ndarray:
 
 def loads_meta(array: np.ndarray) -> dict[str, Any]:
     """Inverse of dumps_meta."""
-    return json.loads(bytes(np.asarray(array, dtype=np.uint8)).decode())
+    meta: dict[str, Any] = json.loads(bytes(np.asarray(array, dtype=np.uint8)).decode())
+    return meta

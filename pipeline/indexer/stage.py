@@ -23,9 +23,9 @@ from pipeline.indexer.state import load_snapshot, remove_stale_snapshots, save_s
 from pipeline.kafka import Output
 from pipeline.metrics import Metrics
 from pipeline.records import MatchRequest, PhotoFaces, faces_key, now_ms, parse_faces_key
-from pipeline.runner import BaseStage, Control, Incoming, Outcome
 from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
+from pipeline.stage_api import BaseStage, Control, Incoming, Outcome
 from pipeline.topics import SNAPSHOT_MAX_AGE_S, partition_for
 
 logger = logging.getLogger(__name__)

@@ -302,7 +302,7 @@ class BodyLimitMiddleware:
 
         async def counting_receive() -> dict[str, Any]:
             nonlocal seen, refused
-            message = await receive()
+            message: dict[str, Any] = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 if not started and not refused:

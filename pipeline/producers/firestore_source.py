@@ -61,7 +61,7 @@ def make_client(settings: FirestoreSettings) -> Any:
         # default credentials with the emulator set; a plain client does not.
         project = settings.project or EMULATOR_DEFAULT_PROJECT
         logger.info("firestore: emulator %s, project %s", os.environ["FIRESTORE_EMULATOR_HOST"], project)
-        return firestore.Client(project=project, credentials=AnonymousCredentials())
+        return firestore.Client(project=project, credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
     logger.info("firestore: application default credentials, project %s", settings.project or "(from ADC)")
     try:
         return firestore.Client(project=settings.project)

@@ -106,7 +106,8 @@ class Ledger:
             return
         lines = [_entry_line(key, entry) for key, entry in updates.items()]
         lines += [json.dumps({"m": name, "v": value}) for name, value in (meta or {}).items()]
-        assert self._file is not None, "ledger is closed"
+        if self._file is None:
+            raise RuntimeError("ledger is closed")
         self._file.write("".join(line + "\n" for line in lines))
         self._file.flush()
         os.fsync(self._file.fileno())

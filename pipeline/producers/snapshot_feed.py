@@ -153,7 +153,7 @@ def _by_path_order(query: Any) -> Any:
     # 5,000 photos that is seconds per change. We never use that order, so
     # plain path order (the query has no order_by) does the same job.
     def by_path(a: Any, b: Any) -> int:
-        left, right = a.reference.path, b.reference.path
+        left, right = str(a.reference.path), str(b.reference.path)
         return (left > right) - (left < right)
 
     return set_watch_comparator(query, by_path)

@@ -13,9 +13,9 @@ from pipeline.indexer.stage import IndexerStage
 from pipeline.indexer.state import snapshot_path
 from pipeline.metrics import create_metrics
 from pipeline.records import Face, MatchReply, MatchRequest, PhotoFaces, faces_key
-from pipeline.runner import Incoming
 from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
+from pipeline.stage_api import Incoming
 from pipeline.topics import partition_for
 
 DIM = 16

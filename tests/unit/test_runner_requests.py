@@ -15,9 +15,9 @@ from pipeline.indexer.stage import DEFAULT_REQUEST_TTL_MS, IndexerStage
 from pipeline.kafka import Output
 from pipeline.metrics import create_metrics
 from pipeline.records import MatchRequest, now_ms
-from pipeline.runner import Incoming
 from pipeline.serde import MATCH_REQUEST, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
+from pipeline.stage_api import Incoming
 from pipeline.topics import partition_for
 
 DIM = 8

@@ -1,0 +1,49 @@
+"""Per-record delivery tracking: which outputs of a record were acked, and which failures are final."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, Message
+
+from pipeline.stage_api import Incoming
+
+# Delivery errors that no retry fixes: the record is dead-lettered instead of
+# being redelivered forever (e.g. a reply topic or partition that does not exist).
+PERMANENT_DELIVERY_ERRORS = frozenset({
+    KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+    KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.INVALID_MSG_SIZE,
+})
+
+
+class DeliveryFailed(Exception):
+    """An output of the record can never be delivered (unknown topic/partition, too large)."""
+
+    reason = "delivery_failed"
+
+
+@dataclass
+class DeliveryTrack:
+    """Delivery state of one record's outputs (its DLQ record, once dead-lettered)."""
+
+    item: Incoming
+    attempts: int
+    dead_letter: bool
+    pending: int = 0
+    permanent: list[str] = field(default_factory=list)
+    transient: list[str] = field(default_factory=list)
+
+    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        self.pending -= 1
+        if err is not None:
+            self.failed(err, msg.topic(), msg.partition())
+
+    def failed(self, err: KafkaError, topic: str, partition: int | None) -> None:
+        where = topic if partition is None or partition < 0 else f"{topic}[{partition}]"
+        errors = self.permanent if err.code() in PERMANENT_DELIVERY_ERRORS else self.transient
+        errors.append(f"{where}: {err.name()}: {err.str()}")
+
+    @property
+    def delivered(self) -> bool:
+        return self.pending == 0 and not self.permanent and not self.transient
