@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export FACEMATCH_MODEL_ROOT ?= $(CURDIR)/.cache/models
 export FACEMATCH_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: help install models photos lint test test-unit up down demo bench clean
+.PHONY: help install models photos lint test test-unit up down demo bench fuzz clean
 
 help:
 	@echo "make demo   - start the whole pipeline on an embedded broker, ingest real photos, match a selfie"
@@ -14,6 +14,7 @@ help:
 	@echo "make up     - start broker + services in the background (bridge on :5000); make down stops them"
 	@echo "              make up DURABLE_DIR=.state/broker keeps the embedded broker's data across restarts"
 	@echo "make bench  - benchmarks (JSON in bench/results/)"
+	@echo "make fuzz   - schemathesis against the bridge's OpenAPI, 100 cases per operation and mode (1,000+)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,13 @@ down:
 
 demo: models photos
 	$(VENV)/bin/facematch demo
+
+fuzz: models
+	FACEMATCH_FUZZ_EXAMPLES=100 $(PY) -m pytest -q -p no:cacheprovider -s tests/fuzz
+
+.PHONY: soak
+soak: $(STAMP)
+	FACEMATCH_FAULT_PHOTOS=$${FACEMATCH_FAULT_PHOTOS:-10000} $(PY) -m pytest -q -s -p no:cacheprovider tests/faults
 
 bench: models
 	$(PY) bench/match_latency.py

@@ -6,6 +6,7 @@ event_id label would explode cardinality. Tests pass a fresh registry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class Metrics:
     retries: Counter
     batch_seconds: Histogram
     consumer_lag: Gauge
+    assigned_partitions: Gauge
     faces_embedded: Counter
     fetch_seconds: Histogram
     embed_seconds: Histogram
@@ -49,6 +51,12 @@ class Metrics:
                     continue
                 self.consumer_lag.labels(group, topic, partition).set(lag)
 
+    def forget_partitions(self, group: str, partitions: list[tuple[str, int]]) -> None:
+        """Drop the lag series of partitions this member no longer owns (their new owner reports them)."""
+        for topic, partition in partitions:
+            with contextlib.suppress(KeyError):  # no statistics arrived for it yet
+                self.consumer_lag.remove(group, topic, str(partition))
+
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     """Create every metric in `registry` (a fresh one by default)."""
@@ -65,6 +73,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
                                 ["stage"], buckets=LATENCY_BUCKETS, registry=reg),
         consumer_lag=Gauge("kafka_consumergroup_lag", "Records behind the partition end",
                            ["consumergroup", "topic", "partition"], registry=reg),
+        assigned_partitions=Gauge("facematch_assigned_partitions", "Partitions this member owns now",
+                                  ["stage", "topic"], registry=reg),
         faces_embedded=Counter("facematch_faces_embedded_total", "Faces detected and embedded",
                                registry=reg),
         fetch_seconds=Histogram("facematch_image_fetch_seconds", "Image download time",

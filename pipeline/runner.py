@@ -355,11 +355,19 @@ class Runner:
                 tp.offset = starts[(tp.topic, tp.partition)]
         consumer.assign(partitions)
         self.stage.after_assign(keys, self.control)
+        self._count_assigned(keys, +1)
 
     def _forget(self, keys: list[TP]) -> None:
         for key in keys:
             self._holds.pop(key, None)
         self.control.forget(keys)
+        self.metrics.forget_partitions(self.group, keys)
+        self._count_assigned(keys, -1)
+
+    def _count_assigned(self, keys: list[TP], sign: int) -> None:
+        for topic in {t for t, _ in keys}:
+            self.metrics.assigned_partitions.labels(self.stage.name, topic).inc(
+                sign * sum(1 for t, _ in keys if t == topic))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]

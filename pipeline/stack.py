@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import COMMANDS
 from pipeline.devbroker import start_broker
 from pipeline.logs import setup_logging
 from pipeline.settings import BridgeSettings, KafkaSettings, LogSettings, TopicSettings
@@ -27,7 +28,8 @@ from pipeline.settings import BridgeSettings, KafkaSettings, LogSettings, TopicS
 logger = logging.getLogger(__name__)
 
 RUN_DIR = Path(".run")
-SERVICES = [("indexer", "pipeline.indexer"), ("embedder", "pipeline.embedder"), ("bridge", "pipeline.matcher")]
+# (name, module run with `python -m`), taken from the CLI's table so the two never disagree.
+SERVICES = [(name, COMMANDS[name][0].split(":")[0]) for name in ("indexer", "embedder", "bridge")]
 
 
 @dataclass

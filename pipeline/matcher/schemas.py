@@ -17,7 +17,7 @@ def check_image_url(url: str) -> str:
     """The URL if it is an absolute http(s) URL with a host and no credentials; else ValueError.
 
     Syntax only: the embedder still resolves the host and refuses private
-    addresses on every hop (pipeline/embedder/fetch.py), as defence in depth.
+    addresses on every hop when it fetches, as defence in depth.
     """
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"longer than {MAX_URL_LENGTH} characters")

@@ -12,6 +12,7 @@ import uuid
 import zlib
 from http.client import HTTPConnection
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -162,16 +163,30 @@ def _photo_id(serde: SchemaRegistry, value: bytes) -> str:
     return str(serde.decode(PHOTO_EVENT, value)["photo_id"])
 
 
+def metric_samples(port: int, name: str) -> list[Any]:
+    """The samples of one metric from a service's /metrics (none while it cannot answer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return []
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+
+
 def test_two_embedders_split_the_work(face_stack, sample_photos: dict[str, Path]) -> None:
     from pipeline.devbroker import free_port
     from pipeline.topics import partition_for
 
     face_stack.indexer()
     ports = [free_port(), free_port()]
-    embedders = [face_stack.embedder(f"embedder-{i}", FACEMATCH_EMBEDDER_METRICS_PORT=str(port))
-                 for i, port in enumerate(ports)]
+    for i, port in enumerate(ports):
+        face_stack.embedder(f"embedder-{i}", FACEMATCH_EMBEDDER_METRICS_PORT=str(port))
     base = face_stack.bridge()
-    wait_for(lambda: all("assigned" in e.log_path.read_text() for e in embedders), 60, "both embedders assigned")
+    def owned(port: int) -> float:
+        return sum(s.value for s in metric_samples(port, "facematch_assigned_partitions"))
+    wait_for(lambda: all(owned(p) > 0 for p in ports) and sum(owned(p) for p in ports) == 6, 60,
+             "the photo-events partitions split between both embedders")
     events = [f"PARTY{i}" for i in range(8)]
     partitions = {partition_for(e, face_stack.topics.partitions) for e in events}
     assert partitions & {0, 1, 2} and partitions & {3, 4, 5}  # both halves of the range assignment
@@ -185,13 +200,8 @@ def test_two_embedders_split_the_work(face_stack, sample_photos: dict[str, Path]
         wait_for(all_indexed, 120, "every event's photo indexed")
 
     def processed(port: int) -> float:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        return sum(sample.value for family in text_string_to_metric_families(text)
-                   for sample in family.samples
-                   if sample.name == "facematch_records_total" and sample.labels == {"stage": "embedder",
-                                                                                      "outcome": "ok"})
+        return sum(s.value for s in metric_samples(port, "facematch_records_total")
+                   if s.labels == {"stage": "embedder", "outcome": "ok"})
     counts = [processed(port) for port in ports]
     assert all(c > 0 for c in counts) and sum(counts) == len(events), counts
 

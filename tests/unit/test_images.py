@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import resource
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -177,12 +176,10 @@ def test_png_bomb_is_refused_from_the_header_without_allocating() -> None:
     assert len(bomb) < 200_000  # 400 million pixels in a small file
     assert decode_image(one_color_png(64, 48)).bgr.shape == (48, 64, 3)  # the builder makes valid PNGs
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.monotonic()
     with pytest.raises(PoisonRecord) as err:
         decode_image(bomb)
     assert err.value.reason == "image_too_many_pixels"
     assert "20000x20000 = 400000000 pixels exceeds the cap of 40000000" in str(err.value)
-    assert time.monotonic() - started < 0.5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50_000  # KiB
 
 
