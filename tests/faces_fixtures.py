@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from pipeline.assets import AssetUnavailable, fetch_sample_photos, fetch_sface_models
+from pipeline.facelib.images import fit_to_side
 from pipeline.facelib.model import DetectedFace
 from pipeline.facelib.sface import SFaceModel
 
@@ -45,11 +46,7 @@ def model_root() -> Path:
 
 def downscale(image: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
     """Shrink so the long side is at most max_side, as the pipeline's decoder does."""
-    scale = max_side / max(image.shape[:2])
-    if scale >= 1:
-        return image
-    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return fit_to_side(image, max_side)
 
 
 def _unavailable(what: str, exc: Exception, fix: str) -> NoReturn:

@@ -1,4 +1,4 @@
-"""The HTTP bridge: the seed's API on top of Kafka request/reply (OpenAPI at /docs)."""
+"""The HTTP bridge: the FaceMatch v2 API on top of Kafka request/reply (OpenAPI at /docs)."""
 
 from __future__ import annotations
 

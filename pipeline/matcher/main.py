@@ -62,7 +62,7 @@ class HealthProbe:
         return {"status": status, "ready": ready,
                 "broker": {"reachable": facts["broker_reachable"], "error": facts.get("error")},
                 "partitions": facts["partitions"], "partitions_owned": facts["partitions_owned"],
-                # The seed's name, kept for its clients: "V2 can serve" (model loaded, broker up),
+                # The FaceMatch v2 name, kept for existing clients: "V2 can serve" (model loaded, broker up),
                 # whatever the model is (SFace by default, InsightFace only when configured).
                 "insightface_ready": bool(facts["broker_reachable"] and model_loaded),
                 "model_ready": model_loaded,

@@ -49,7 +49,7 @@ Id = Annotated[str, Field(pattern=ID_REGEX), AfterValidator(_valid_id)]
 
 
 class IngestBody(BaseModel):
-    """The seed's ingest body; `embedding` or `faces` skip image fetching."""
+    """The v2 ingest body; `embedding` or `faces` skip image fetching."""
 
     # Unknown fields are refused, so a misspelt "embeding" is an error, not a silent URL-less photo.
     model_config = ConfigDict(extra="forbid")
@@ -81,7 +81,7 @@ class IngestAccepted(BaseModel):
 
 
 class MatchBody(BaseModel):
-    """The seed's match body."""
+    """The v2 match body."""
 
     model_config = ConfigDict(extra="forbid")
 
