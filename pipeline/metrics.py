@@ -29,6 +29,7 @@ class Metrics:
     batch_seconds: Histogram
     consumer_lag: Gauge
     assigned_partitions: Gauge
+    rebalances: Counter
     faces_embedded: Counter
     fetch_seconds: Histogram
     embed_seconds: Histogram
@@ -75,6 +76,9 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
                            ["consumergroup", "topic", "partition"], registry=reg),
         assigned_partitions=Gauge("facematch_assigned_partitions", "Partitions this member owns now",
                                   ["stage", "topic"], registry=reg),
+        rebalances=Counter("facematch_rebalance_events_total",
+                           "Partition assignments, revocations and losses (eviction) of this member",
+                           ["stage", "event"], registry=reg),
         faces_embedded=Counter("facematch_faces_embedded_total", "Faces detected and embedded",
                                registry=reg),
         fetch_seconds=Histogram("facematch_image_fetch_seconds", "Image download time",

@@ -349,6 +349,7 @@ class Runner:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         logger.info("%s: assigned %s", self.stage.name, keys)
+        self.metrics.rebalances.labels(self.stage.name, "assigned").inc()
         starts = self.stage.on_assign(keys, self.control)
         for tp in partitions:
             if (tp.topic, tp.partition) in starts:
@@ -372,6 +373,7 @@ class Runner:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         logger.info("%s: revoked %s", self.stage.name, keys)
+        self.metrics.rebalances.labels(self.stage.name, "revoked").inc()
         self.stage.on_revoke(keys)
         self._forget(keys)
         self._commit_sync()
@@ -379,6 +381,7 @@ class Runner:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         logger.warning("%s: lost %s (no commit: another member owns them)", self.stage.name, keys)
+        self.metrics.rebalances.labels(self.stage.name, "lost").inc()
         self.stage.on_revoke(keys)
         self._forget(keys)
 

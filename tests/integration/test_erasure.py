@@ -99,3 +99,11 @@ def test_event_delete_tombstones_every_photo_and_stays_deleted_on_replay(stack) 
     assert files, "no indexer wrote a snapshot"
     for path in files:
         assert needle[:256] not in path.read_bytes(), f"selfie embedding found in {path}"
+    # Nor in any service's log, as bytes or as printed numbers (logs are shipped and kept for weeks).
+    printed = [f"{v:.6f}"[:7] for v in selfie[:3]]
+    logs = [p for p in (stack.workdir / "logs").rglob("*") if p.is_file()]
+    assert logs, "the services wrote no logs"
+    for path in logs:
+        text = path.read_bytes()
+        assert needle[:64] not in text, f"selfie bytes in {path}"
+        assert not all(number.encode() in text for number in printed), f"selfie numbers in {path}"
