@@ -28,14 +28,19 @@ class DeadLetterSource:
 
 
 def dead_letter_output(serde: SchemaRegistry, dlq_topic: str, stage: str, source: DeadLetterSource,
-                       reason: str, error: BaseException, attempts: int) -> Output:
-    """The DLQ record for `source`, keyed like the original so an event's letters stay together."""
+                       reason: str, error: BaseException, attempts: int, redact: bool = False) -> Output:
+    """The DLQ record for `source`, keyed like the original so an event's letters stay together.
+
+    redact=True leaves the original value out (a selfie's embedding must not sit in
+    the DLQ for its retention); the header dlq.redacted says so.
+    """
     message = str(error)[:MAX_MESSAGE_CHARS]
     error_class = type(error).__name__
     envelope = {"stage": stage, "reason": reason, "error_class": error_class,
                 "error_message": message, "source_topic": source.topic,
                 "source_partition": source.partition, "source_offset": source.offset,
-                "attempts": attempts, "key": source.key, "value": source.value, "failed_at": now_ms()}
+                "attempts": attempts, "key": source.key, "value": None if redact else source.value,
+                "failed_at": now_ms()}
     headers = [("dlq.stage", stage.encode()), ("dlq.reason", reason.encode()),
                ("dlq.error_class", error_class.encode()),
                ("dlq.error_message", message.encode()),
@@ -43,4 +48,6 @@ def dead_letter_output(serde: SchemaRegistry, dlq_topic: str, stage: str, source
                ("dlq.source_partition", str(source.partition).encode()),
                ("dlq.source_offset", str(source.offset).encode()),
                ("dlq.attempts", str(attempts).encode())]
+    if redact:
+        headers.append(("dlq.redacted", b"value"))
     return Output(topic=dlq_topic, key=source.key, value=serde.encode(DEAD_LETTER, envelope), headers=headers)

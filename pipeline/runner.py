@@ -284,8 +284,9 @@ class Runner:
             logger.warning("%s: dead-letter %s at %s[%d]@%d: %s", self.stage.name, reason,
                            item.topic, item.partition, item.offset, error)
         source = DeadLetterSource(item.topic, item.partition, item.offset, item.key, item.value)
+        redact = item.topic in self.stage.sensitive_topics
         self._produce(track, dead_letter_output(self.serde, self.dlq_topic, self.stage.name, source,
-                                                reason, error, track.attempts))
+                                                reason, error, track.attempts, redact=redact))
         track.dead_letter = True
         self.metrics.dead_letters.labels(self.stage.name, reason).inc()
 

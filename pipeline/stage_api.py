@@ -49,6 +49,9 @@ class Stage(Protocol):
     """A stage adapter: decodes, calls its pure core, encodes outputs."""
 
     name: str
+    # Topics whose record values hold biometric data (selfie embeddings): their dead
+    # letters keep the facts and the key, never the value.
+    sensitive_topics: frozenset[str]
 
     def handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
         """One outcome per record, in order: outputs, or the exception it raised."""
@@ -79,6 +82,7 @@ class BaseStage:
     """No-op hooks, so a stateless stage only writes `handle`."""
 
     name = "stage"
+    sensitive_topics: frozenset[str] = frozenset()
 
     def on_assign(self, partitions: list[tuple[str, int]], control: Control) -> dict[tuple[str, int], int]:
         """No start offsets to override."""

@@ -37,6 +37,14 @@ SNAPSHOT_MAX_AGE_S = FACES_DELETE_RETENTION_MS / 1000 / 2
 REQUEST_RETENTION_MS = 120_000
 REQUEST_SEGMENT_MS = 60_000
 
+# photo-events hold image URLs and precomputed embeddings until the embedder has
+# turned them into faces (seconds); a week leaves room to re-embed after an outage.
+# Dead letters keep the refused bytes for an operator to inspect and replay, but
+# never a selfie (the indexer's dead letters of match requests leave the value out).
+PHOTO_EVENTS_RETENTION_MS = 7 * 86_400_000
+DLQ_RETENTION_MS = 14 * 86_400_000
+LOG_SEGMENT_MS = 86_400_000  # daily segments, so retention is met within a day of its bound
+
 
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 (the Java client's Utils.murmur2), as a signed 32-bit int."""
@@ -89,13 +97,17 @@ def topic_specs(topics: TopicSettings) -> list[TopicSpec]:
                  "max.compaction.lag.ms": str(FACES_MAX_COMPACTION_LAG_MS),
                  "delete.retention.ms": str(FACES_DELETE_RETENTION_MS)}
     return [
-        TopicSpec(topics.photo_events, topics.partitions, {"cleanup.policy": "delete"}),
+        TopicSpec(topics.photo_events, topics.partitions,
+                  {"cleanup.policy": "delete", "retention.ms": str(PHOTO_EVENTS_RETENTION_MS),
+                   "segment.ms": str(LOG_SEGMENT_MS)}),
         # The faces topic is the indexes' changelog: compaction keeps the latest
         # faces of each photo and tombstones erase photos, so replay rebuilds state.
         TopicSpec(topics.faces, topics.partitions, compacted),
         TopicSpec(topics.match_requests, topics.partitions, short),
         TopicSpec(topics.match_replies, topics.reply_partitions, short),
-        TopicSpec(topics.dlq, topics.dlq_partitions, {"cleanup.policy": "delete"}),
+        TopicSpec(topics.dlq, topics.dlq_partitions,
+                  {"cleanup.policy": "delete", "retention.ms": str(DLQ_RETENTION_MS),
+                   "segment.ms": str(LOG_SEGMENT_MS)}),
     ]
 
 

@@ -54,6 +54,7 @@ class IndexerStage(BaseStage):
                  partitions: int, settings: IndexerSettings, metrics: Metrics) -> None:
         self.core, self.serde, self.topics, self.partitions = core, serde, topics, partitions
         self.settings, self.metrics = settings, metrics
+        self.sensitive_topics = frozenset({topics.match_requests})  # selfie embeddings
         self.replaying: set[int] = set()
         self._last_sweep = 0.0
 

@@ -48,6 +48,8 @@ def test_topic_configs_bound_how_long_personal_data_stays() -> None:
         # Selfie embeddings: gone within minutes, not the 7-day default segment age.
         assert 60_000 <= int(config["retention.ms"]) <= 300_000
         assert int(config["segment.ms"]) <= int(config["retention.ms"])
+    for name in (topics.photo_events, topics.dlq):  # every topic has a stated bound, none the broker default
+        assert int(specs[name]["retention.ms"]) <= 14 * 86_400_000 and int(specs[name]["segment.ms"]) <= 86_400_000
     shorter = {s.name: s.config for s in topic_specs(TopicSettings(prefix="x.", request_retention_ms=30_000))}
     assert shorter[topics.match_requests]["retention.ms"] == "30000"
     assert int(shorter[topics.match_requests]["segment.ms"]) <= 30_000
