@@ -7,7 +7,7 @@ constructors, so tests can build settings with explicit values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,11 +40,13 @@ class KafkaSettings(BaseSettings):
 
 
 class LogSettings(BaseSettings):
-    """The log level (FACEMATCH_LOG_LEVEL); main() builds it and passes the level to setup_logging."""
+    """Logging (FACEMATCH_LOG_*); main() builds it and passes level and format to setup_logging."""
 
     model_config = SettingsConfigDict(env_prefix="FACEMATCH_", frozen=True)
 
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (ts, level, logger, msg, pid, exc)
+    log_summary_interval_s: float = Field(default=60.0, ge=0)  # periodic per-stage INFO summary; 0 disables
 
 
 class TopicSettings(BaseSettings):
@@ -154,7 +156,13 @@ class BridgeSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 5000
-    bridge_reply_partition: int = 0
+    # None: each bridge process (each worker) claims a free reply partition by itself
+    # (an exclusive lock per partition in bridge_runtime_dir); a number pins it.
+    bridge_reply_partition: int | None = Field(default=None, ge=0)
+    bridge_reply_partitions: str = ""  # the partitions this host may claim, "0-3,8"; empty: all of them
+    bridge_runtime_dir: Path | None = None  # the claim locks; None: <tmp>/facematch-<uid>
+    bridge_workers: int = Field(default=1, ge=1)  # uvicorn worker processes of `facematch bridge`
+    bridge_model_instances: int = Field(default=1, ge=1)  # selfie models per worker (each runs one image at a time)
     bridge_timeout_s: float = 5.0
     bridge_publish_timeout_s: float = 5.0  # broker unreachable this long: 503 + Retry-After
     bridge_max_image_bytes: int = 10 * 1024 * 1024

@@ -1,18 +1,28 @@
-"""Bridge service: wires settings, Kafka request/reply, the selfie model and uvicorn."""
+"""Bridge service: wires settings, Kafka request/reply, the selfie model and uvicorn.
+
+`facematch bridge` runs FACEMATCH_BRIDGE_WORKERS uvicorn worker processes
+(default 1); each one builds its own services through `create_worker_app`,
+the factory `uvicorn pipeline.matcher.main:create_worker_app --factory` runs
+too, and claims its own reply partition (pipeline/matcher/replies.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import queue
 import sys
-import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import uvicorn
 from confluent_kafka.admin import AdminClient
+from fastapi import FastAPI
 
 from pipeline.facelib.geometry import to_original
 from pipeline.facelib.model import FaceModel
@@ -21,10 +31,17 @@ from pipeline.kafka import producer_config
 from pipeline.logs import setup_logging
 from pipeline.matcher.api import BridgeServices, create_app
 from pipeline.matcher.auth import Authorizer, parse_api_keys
-from pipeline.matcher.replies import KafkaRequester
+from pipeline.matcher.replies import (
+    KafkaRequester,
+    NoReplyPartition,
+    claim_reply_partition,
+    default_runtime_dir,
+    parse_partition_set,
+)
 from pipeline.metrics import create_metrics
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import BridgeSettings, EmbedderSettings, KafkaSettings, LogSettings, ModelSettings, TopicSettings
+from pipeline.summary import SummaryLogger, start_summaries
 from pipeline.topics import partition_count, partition_for
 
 logger = logging.getLogger(__name__)
@@ -67,6 +84,8 @@ class HealthProbe:
                 "insightface_ready": bool(facts["broker_reachable"] and model_loaded),
                 "model_ready": model_loaded,
                 "embedding_dim": self.spec.dim,
+                # Which bridge process answered (several uvicorn workers share one port).
+                "worker": {"pid": os.getpid(), "reply_partition": self.requester.reply_partition},
                 "models": {"name": self.model_name, "model_id": self.spec.model_id,
                            "loaded": model_loaded, "license": self.spec.license,
                            "default_threshold": self.spec.default_threshold,
@@ -116,11 +135,20 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
                        det_threshold=model_settings.det_threshold)
     faces_in_image = None
     if model is not None:
-        model.load()
-        faces_in_image = _selfie_reader(model, embedder)
+        models = [model] + [load_model(model_settings.model, model_settings.model_root,
+                                       det_threshold=model_settings.det_threshold)
+                            for _ in range(bridge.bridge_model_instances - 1)]
+        for instance in models:
+            if instance is not None:
+                instance.load()
+        faces_in_image = selfie_reader([m for m in models if m is not None], embedder)
     serde = SchemaRegistry.load()
     admin = AdminClient(kafka.to_librdkafka())
     partitions = partition_count(admin, topics.match_requests)
+    claim = claim_reply_partition(
+        bridge.bridge_runtime_dir or default_runtime_dir(), kafka.bootstrap_servers, topics.match_replies,
+        parse_partition_set(bridge.bridge_reply_partitions, partition_count(admin, topics.match_replies)),
+        pinned=bridge.bridge_reply_partition)
     consumer_conf = {**kafka.to_librdkafka(), "group.id": f"facematch-bridge-{uuid.uuid4().hex[:8]}",
                      "enable.auto.commit": False, "fetch.wait.max.ms": 5}
     if publish_timeout_s is None:
@@ -129,8 +157,8 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
     producer_conf = producer_config(kafka, **{"linger.ms": 0, "compression.type": "none",
                                               "message.timeout.ms": int(publish_timeout_s * 1000)})
     requester = KafkaRequester(producer_conf, consumer_conf, serde, topics.match_requests, partitions,
-                               topics.match_replies, bridge.bridge_reply_partition,
-                               delivery_timeout_s=publish_timeout_s)
+                               topics.match_replies, claim.partition,
+                               delivery_timeout_s=publish_timeout_s, claim=claim)
     requester.start()
     health = HealthProbe(admin, topics, requester, spec, model, model_settings.model)
     auth = Authorizer(parse_api_keys(bridge.api_keys))
@@ -144,30 +172,126 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
                           faces_in_image=faces_in_image)
 
 
-def _selfie_reader(model: FaceModel, embedder: EmbedderSettings) -> Any:
+def selfie_reader(models: list[FaceModel], embedder: EmbedderSettings) -> Any:
+    """faces_in_image(bytes) over a pool of model instances, each used by one thread at a time."""
     from pipeline.facelib.images import DecodePolicy, decode_image
 
     policy = DecodePolicy(max_pixels=embedder.fetch_max_pixels, max_side=embedder.embedder_max_side)
-    lock = threading.Lock()  # one model instance; onnxruntime/OpenCV calls are serialized
+    # One image at a time per instance: OpenCV's detector keeps per-call state (its input size), so an
+    # instance is never shared between threads. FACEMATCH_BRIDGE_MODEL_INSTANCES sizes the pool; each
+    # uvicorn worker has its own pool, so workers never wait on each other.
+    idle: queue.Queue[FaceModel] = queue.Queue()
+    for model in models:
+        idle.put(model)
 
     def faces_in_image(data: bytes) -> list[Any]:
         image = decode_image(data, policy)
-        with lock:
+        model = idle.get()
+        try:
             faces = model.detect_and_embed([image.bgr])[0]
+        finally:
+            idle.put(model)
         return [to_original(f, image.scale) for f in faces]
 
     return faces_in_image
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`facematch bridge`."""
-    setup_logging(LogSettings().log_level)
-    kafka, topics, bridge, model = KafkaSettings(), TopicSettings(), BridgeSettings(), ModelSettings()
-    services = build_services(kafka, topics, bridge, model, EmbedderSettings())
+class WorkerHeaders:
+    """Adds X-FaceMatch-Worker (pid) and X-FaceMatch-Reply-Partition to every response (plain ASGI)."""
+
+    def __init__(self, app: Any, reply_partition: int) -> None:
+        self.app = app
+        self.headers = [(b"x-facematch-worker", str(os.getpid()).encode()),
+                        (b"x-facematch-reply-partition", str(reply_partition).encode())]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def build_app(services: BridgeServices, summaries: SummaryLogger | None = None) -> FastAPI:
+    """The app around `services`; its shutdown stops the summaries and closes the requester."""
     app = create_app(services)
+    app.add_middleware(WorkerHeaders, reply_partition=services.requester.reply_partition)
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(scope_app: Any) -> AsyncIterator[Any]:
+        async with inner(scope_app) as state:
+            yield state
+        if summaries is not None:
+            summaries.stop()
+        await asyncio.get_running_loop().run_in_executor(None, services.requester.close)
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def create_worker_app() -> FastAPI:
+    """App factory for one bridge process: settings from the environment, own reply partition.
+
+    `uvicorn pipeline.matcher.main:create_worker_app --factory --workers N` calls it in each worker.
+    """
+    log = LogSettings()
+    setup_logging(log.log_level, log.log_format)
+    bridge = BridgeSettings()
+    services = build_services(KafkaSettings(), TopicSettings(), bridge, ModelSettings(), EmbedderSettings())
+    summaries = start_summaries("bridge", services.metrics.registry, log.log_summary_interval_s)
+    logger.info("bridge worker %d: reply partition %d of %s", os.getpid(), services.requester.reply_partition,
+                services.topics.match_replies)
+    return build_app(services, summaries)
+
+
+def check_workers(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSettings) -> str | None:
+    """Why FACEMATCH_BRIDGE_WORKERS cannot work with these settings, or None."""
+    if bridge.bridge_workers == 1:
+        return None
+    if bridge.bridge_reply_partition is not None:
+        return (f"FACEMATCH_BRIDGE_REPLY_PARTITION={bridge.bridge_reply_partition} pins every worker to one "
+                f"reply partition; unset it so each of the {bridge.bridge_workers} workers claims its own")
+    available = parse_partition_set(bridge.bridge_reply_partitions,
+                                    partition_count(AdminClient(kafka.to_librdkafka()), topics.match_replies))
+    if bridge.bridge_workers > len(available):
+        return (f"{bridge.bridge_workers} workers but only {len(available)} reply partitions of "
+                f"{topics.match_replies} to claim: run at most {len(available)} workers, or give the reply "
+                f"topic more partitions")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`facematch bridge` (FACEMATCH_BRIDGE_WORKERS worker processes)."""
+    log = LogSettings()
+    setup_logging(log.log_level, log.log_format)
+    kafka, topics, bridge = KafkaSettings(), TopicSettings(), BridgeSettings()
+    if bridge.bridge_workers > 1:
+        problem = check_workers(kafka, topics, bridge)
+        if problem:
+            logger.error("bridge cannot start: %s", problem)
+            return 2
+        # Each worker process runs create_worker_app: its own model, Kafka clients and reply partition.
+        uvicorn.run("pipeline.matcher.main:create_worker_app", factory=True, workers=bridge.bridge_workers,
+                    host=bridge.http_host, port=bridge.http_port, log_level="warning", access_log=False,
+                    log_config=None)
+        return 0
     try:
+        services = build_services(kafka, topics, bridge, ModelSettings(), EmbedderSettings())
+    except NoReplyPartition as exc:
+        logger.error("bridge cannot start: %s", exc)
+        return 2
+    summaries = start_summaries("bridge", services.metrics.registry, log.log_summary_interval_s)
+    app = build_app(services, summaries)
+    try:
+        # log_config=None: uvicorn's own lines go through our handler (and format) too.
         uvicorn.run(app, host=bridge.http_host, port=bridge.http_port, log_level="warning",
-                    access_log=False)
+                    access_log=False, log_config=None)
     finally:
         services.requester.close()
     return 0

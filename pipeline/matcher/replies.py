@@ -1,17 +1,27 @@
 """Request/reply over Kafka for the HTTP bridge (Spring-Kafka compatible headers).
 
-Each bridge instance reads one partition of the reply topic (its own), which
-it names in kafka_replyPartition; replies are matched by kafka_correlationId.
-One background thread polls both the reply consumer and the producer.
+Each bridge process (each uvicorn worker) reads one partition of the reply
+topic, its own, which it names in kafka_replyPartition; replies are matched by
+kafka_correlationId. The partition is claimed with an exclusive lock file per
+partition (claim_reply_partition), so workers on one host never need to be told
+which partition is theirs. One background thread polls both the reply consumer
+and the producer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import logging
+import os
 import struct
+import tempfile
 import threading
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,13 +43,109 @@ class PublishFailed(RuntimeError):
     """The broker did not acknowledge a record in time, or refused it (the bridge answers 503)."""
 
 
+class NoReplyPartition(RuntimeError):
+    """Every reply partition this host may use is claimed by a running bridge process."""
+
+
+@dataclass
+class ReplyClaim:
+    """A reply partition this process reads; `exclusive` while it holds the partition's lock file."""
+
+    partition: int
+    lock_path: Path | None = None
+    _fd: int | None = None
+
+    @property
+    def exclusive(self) -> bool:
+        """True when no other bridge process on this host reads this partition."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the partition back (the kernel also does it when the process dies, even by SIGKILL)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def default_runtime_dir() -> Path:
+    """<tmp>/facematch-<uid>: shared by every bridge of this user on this host."""
+    return Path(tempfile.gettempdir()) / f"facematch-{os.getuid()}"
+
+
+def parse_partition_set(spec: str, count: int) -> list[int]:
+    """"0-3,8" -> [0, 1, 2, 3, 8], checked against the topic's partition count; "" -> all of them."""
+    if not spec.strip():
+        return list(range(count))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError as exc:
+            raise ValueError(f"FACEMATCH_BRIDGE_REPLY_PARTITIONS: {part!r} is not N or N-M") from exc
+        if first < 0 or last >= count or first > last:
+            raise ValueError(f"FACEMATCH_BRIDGE_REPLY_PARTITIONS: {part!r} is outside 0-{count - 1}")
+        chosen.update(range(first, last + 1))
+    return sorted(chosen)
+
+
+def _lock_path(runtime_dir: Path, bootstrap: str, reply_topic: str, partition: int) -> Path:
+    # The same topic name on another cluster is another partition: the bootstrap list is part of the name.
+    cluster = hashlib.sha256(bootstrap.encode()).hexdigest()[:12]
+    return runtime_dir / f"reply-{reply_topic}-{cluster}-{partition}.lock"
+
+
+def _try_lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for operators
+    return fd
+
+
+def claim_reply_partition(runtime_dir: Path, bootstrap: str, reply_topic: str, candidates: Sequence[int],
+                          pinned: int | None = None) -> ReplyClaim:
+    """Claim the first free partition of `candidates` (or the pinned one) for this process.
+
+    Locks are per host: bridges on different hosts should claim disjoint sets
+    (FACEMATCH_BRIDGE_REPLY_PARTITIONS). A pinned partition already claimed is
+    shared, with a warning: replies still reach their caller, since each bridge
+    drops replies whose correlation id it did not send, but both read all of them.
+    """
+    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if pinned is not None:
+        path = _lock_path(runtime_dir, bootstrap, reply_topic, pinned)
+        fd = _try_lock(path)
+        if fd is None:
+            logger.warning("reply partition %d of %s (pinned by FACEMATCH_BRIDGE_REPLY_PARTITION) is also read by "
+                           "another bridge on this host (%s): both filter by correlation id", pinned, reply_topic,
+                           path)
+        return ReplyClaim(pinned, path, fd)
+    for partition in candidates:
+        path = _lock_path(runtime_dir, bootstrap, reply_topic, partition)
+        fd = _try_lock(path)
+        if fd is not None:
+            logger.info("reading reply partition %d of %s (claimed with %s)", partition, reply_topic, path)
+            return ReplyClaim(partition, path, fd)
+    raise NoReplyPartition(
+        f"all {len(candidates)} reply partitions of {reply_topic} this host may use ({list(candidates)}) are "
+        f"claimed by running bridge processes (locks in {runtime_dir}): run fewer bridge workers, or give the "
+        f"reply topic more partitions (FACEMATCH_TOPIC_REPLY_PARTITIONS)")
+
+
 class KafkaRequester:
     """Sends match requests and awaits their replies; also publishes records."""
 
     def __init__(self, producer_conf: dict[str, Any], consumer_conf: dict[str, Any],
                  serde: SchemaRegistry, request_topic: str, request_partitions: int,
-                 reply_topic: str, reply_partition: int, delivery_timeout_s: float = 5.0) -> None:
+                 reply_topic: str, reply_partition: int, delivery_timeout_s: float = 5.0,
+                 claim: ReplyClaim | None = None) -> None:
         self.serde, self.request_topic = serde, request_topic
+        self.claim = claim  # released by close()
         # librdkafka fails a record after message.timeout.ms; the await gets a little
         # more, so the broker's own verdict normally arrives first.
         self.delivery_timeout_s = delivery_timeout_s
@@ -64,12 +170,16 @@ class KafkaRequester:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop polling, flush, close."""
+        """Stop polling, flush, close (once: the app's shutdown and main() may both call it)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self.producer.flush(10)
         self.consumer.close()
+        if self.claim is not None:
+            self.claim.release()
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int,
                     threshold: float | None, timeout_s: float) -> MatchReply:

@@ -46,6 +46,7 @@ from pipeline.producers.snapshot_feed import Delivery, SnapshotFeed
 from pipeline.producers.sync import SyncStats, removed_since
 from pipeline.records import now_ms
 from pipeline.settings import KafkaSettings, LogSettings, ModelSettings, TopicSettings
+from pipeline.summary import start_summaries
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,8 @@ def _log_sdk_threads(args: threading.ExceptHookArgs) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the listener until SIGTERM/SIGINT."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(LogSettings().log_level)
+    log_settings = LogSettings()
+    setup_logging(log_settings.log_level, log_settings.log_format)
     google = logging.getLogger("google")
     if google.level == logging.NOTSET:
         # A configured "google" logger keeps google-api-core from cutting it off
@@ -262,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LedgerLocked, ConfigError) as exc:
         logger.error("%s", exc)
         return 2
+    start_summaries(STAGE, ctx.publisher.metrics.registry, log_settings.log_summary_interval_s, kind="producer")
     listener = Listener(ctx, resubscribe_every_s=args.resubscribe_every, stall_timeout_s=args.stall_timeout,
                         give_up_after_s=args.give_up_after, ready_file=args.ready_file)
     on_stop_signals(listener.stop)
