@@ -34,6 +34,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def iso_utc(epoch_ms: int) -> str | None:
+    """Epoch ms as ISO-8601 UTC with milliseconds ("2026-01-31T12:00:00.250Z"); None for 0 (unknown)."""
+    if epoch_ms <= 0:
+        return None
+    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _ms(value: Any) -> int:
     # fastavro turns timestamp-millis into aware datetimes on read.
     if isinstance(value, dt.datetime):
@@ -216,6 +224,7 @@ class MatchReply:
     faces_offset: int = -1
     threshold: float = 0.0
     search_ms: float = 0.0
+    newest_face_at: int = 0  # epoch ms: newest occurred_at applied to the event's index; 0 = unknown
 
     def to_avro(self) -> dict[str, Any]:
         """The dict fastavro writes."""
@@ -223,6 +232,7 @@ class MatchReply:
                 "error": self.error, "index_size": self.index_size,
                 "photos_indexed": self.photos_indexed, "faces_offset": self.faces_offset,
                 "threshold": self.threshold, "search_ms": self.search_ms,
+                "newest_face_at": self.newest_face_at,
                 "matches": [{"photo_id": m.photo_id, "score": m.score,
                              "faces": [{"bbox": list(f.bbox), "score": f.score} for f in m.faces]}
                             for m in self.matches]}
@@ -237,4 +247,4 @@ class MatchReply:
                    status=data["status"], matches=matches, error=data.get("error"),
                    index_size=data["index_size"], photos_indexed=data["photos_indexed"],
                    faces_offset=data["faces_offset"], threshold=data["threshold"],
-                   search_ms=data["search_ms"])
+                   search_ms=data["search_ms"], newest_face_at=_ms(data.get("newest_face_at")))

@@ -34,7 +34,7 @@ from pipeline.deadletter import DeadLetterSource, dead_letter_output
 from pipeline.delivery import DeliveryFailed, DeliveryTrack
 from pipeline.errors import PoisonRecord, TransientError
 from pipeline.kafka import Output, produce_with_retry
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, Probe
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import RunnerSettings
 from pipeline.stage_api import BaseStage, Control, Incoming, Outcome, Stage, StageContractError
@@ -133,6 +133,13 @@ class Runner:
         self.control = _KafkaControl(self.consumer)
         self._holds: dict[TP, _Hold] = {}
         self._stopping = False
+        # Probes (/healthz, /readyz) read these from the metrics server's thread.
+        self._running = False
+        self._last_poll = time.monotonic()
+        self._assigned: frozenset[TP] = frozenset()
+        # A loop that has not polled for max.poll.interval.ms has been evicted from
+        # the group by the broker anyway: past that it is stuck, not busy.
+        self.liveness_timeout_s = settings.max_poll_interval_ms / 1000
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish its batch and exit (signal-handler safe)."""
@@ -148,6 +155,7 @@ class Runner:
         self.consumer.subscribe(self.topics, on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         logger.info("%s: consuming %s as group %s", self.stage.name, self.topics, self.group)
+        self._running = True
         try:
             while not self._stopping:
                 batch = self._poll_batch()
@@ -156,13 +164,30 @@ class Runner:
                 self._release_due_holds()
                 self.stage.after_batch(self.control)
         finally:
+            self._running = False
             self._shutdown()
+
+    def liveness(self) -> Probe:
+        """Alive: the loop runs and has polled within liveness_timeout_s."""
+        since = time.monotonic() - self._last_poll
+        ok = self._running and since <= self.liveness_timeout_s
+        return Probe(ok, {"running": self._running, "last_poll_s_ago": round(since, 3),
+                          "liveness_timeout_s": self.liveness_timeout_s})
+
+    def readiness(self) -> Probe:
+        """Ready: alive, not stopping (drain traffic first) and owning at least one partition."""
+        alive = self.liveness()
+        assigned = sorted(self._assigned)
+        return Probe(alive.ok and not self._stopping and bool(assigned),
+                     {**alive.detail, "stopping": self._stopping, "stage": self.stage.name,
+                      "assigned": [f"{topic}[{partition}]" for topic, partition in assigned]})
 
     def _poll_batch(self) -> list[Message]:
         self.producer.poll(0)
         # poll() returns at the first record; consume(timeout=0) then takes what
         # is already fetched, so a lone request never waits for a full batch.
         first = self.consumer.poll(self.settings.poll_timeout_s)
+        self._last_poll = time.monotonic()
         if first is None:
             return []
         rest = self.consumer.consume(self.settings.batch_size - 1, timeout=0) if self.settings.batch_size > 1 else []
@@ -358,6 +383,7 @@ class Runner:
         consumer.assign(partitions)
         self.stage.after_assign(keys, self.control)
         self._count_assigned(keys, +1)
+        self._assigned = self._assigned | set(keys)
 
     def _forget(self, keys: list[TP]) -> None:
         for key in keys:
@@ -365,6 +391,7 @@ class Runner:
         self.control.forget(keys)
         self.metrics.forget_partitions(self.group, keys)
         self._count_assigned(keys, -1)
+        self._assigned = self._assigned - set(keys)
 
     def _count_assigned(self, keys: list[TP], sign: int) -> None:
         for topic in {t for t, _ in keys}:

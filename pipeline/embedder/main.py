@@ -16,6 +16,7 @@ from pipeline.metrics import create_metrics, serve_metrics
 from pipeline.runner import Runner
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import EmbedderSettings, KafkaSettings, LogSettings, ModelSettings, RunnerSettings, TopicSettings
+from pipeline.summary import start_summaries
 from pipeline.topics import partition_count
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def build_core(model_settings: ModelSettings, embedder: EmbedderSettings) -> Emb
 
 def main(argv: list[str] | None = None) -> int:
     """`facematch embedder`."""
-    setup_logging(LogSettings().log_level)
+    log_settings = LogSettings()
+    setup_logging(log_settings.log_level, log_settings.log_format)
     kafka, topics, runner_settings = KafkaSettings(), TopicSettings(), RunnerSettings()
     embedder = EmbedderSettings()
     from pipeline.facelib.model import ModelUnavailable
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("embedder cannot start: %s", exc)
         return 2
     metrics = create_metrics()
-    serve_metrics(metrics, embedder.embedder_metrics_port)
+    start_summaries("embedder", metrics.registry, log_settings.log_summary_interval_s)
     serde = SchemaRegistry.load()
     faces_partitions = partition_count(AdminClient(kafka.to_librdkafka()), topics.faces)
     stage = EmbedderStage(core, serde, topics.faces, faces_partitions, metrics)
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     consumer_config(kafka, embedder.embedder_group, runner_settings),
                     producer_config(kafka, **{"linger.ms": 5}), topics.dlq, runner_settings,
                     metrics, serde)
+    serve_metrics(metrics, embedder.embedder_metrics_port, runner.liveness, runner.readiness)
     runner.install_signal_handlers()
     runner.run()
     return 0

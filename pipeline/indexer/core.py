@@ -70,7 +70,7 @@ class IndexerCore:
                                f"faces of {faces.model_id} cannot join it")
         if index is None:
             index = state.events[event_id] = EventIndex(self.config.dim, faces.model_id)
-        index.upsert(faces.photo_id, faces.faces)
+        index.upsert(faces.photo_id, faces.faces, faces.occurred_at)
         state.deleted_photos.pop(photo_key(event_id, faces.photo_id), None)
         return []
 
@@ -124,6 +124,8 @@ class IndexerCore:
         problem = self._check(request)
         if problem:
             return replace(reply, error=problem)
+        if index is not None:
+            reply = replace(reply, newest_face_at=index.newest_at)
         if index is None or index.size == 0:
             return replace(reply, status="NO_FACES", photos_indexed=index.photos if index else 0)
         query = normalize_embedding(request.embedding, self.config.dim)

@@ -26,6 +26,9 @@ class EventIndex:
         self.photo_faces: dict[str, list[int]] = {}
         self.face_photo: dict[int, str] = {}
         self.face_bbox: dict[int, tuple[float, ...]] = {}
+        # Newest occurred_at (epoch ms) of the photos upserted: the index's freshness.
+        # Deletes leave it: it says how recent the applied data is, not what remains.
+        self.newest_at = 0
 
     @property
     def size(self) -> int:
@@ -37,8 +40,9 @@ class EventIndex:
         """Photos indexed (a photo with zero faces counts: it was processed)."""
         return len(self.photo_faces)
 
-    def upsert(self, photo_id: str, faces: Sequence[Face]) -> None:
-        """Replace the photo's faces."""
+    def upsert(self, photo_id: str, faces: Sequence[Face], occurred_at: int = 0) -> None:
+        """Replace the photo's faces; `occurred_at` (epoch ms) of its event moves newest_at forward."""
+        self.newest_at = max(self.newest_at, occurred_at)
         self.delete(photo_id)
         ids = list(range(self.next_id, self.next_id + len(faces)))
         self.next_id += len(faces)
@@ -96,6 +100,7 @@ class EventIndex:
     def to_snapshot(self) -> tuple[np.ndarray, dict[str, Any]]:
         """Serialized FAISS index and JSON-able metadata."""
         meta = {"dim": self.dim, "model_id": self.model_id, "next_id": self.next_id,
+                "newest_at": self.newest_at,
                 "photos": {p: ids for p, ids in self.photo_faces.items()},
                 "bboxes": {str(i): list(b) for i, b in self.face_bbox.items()}}
         return faiss.serialize_index(self.index), meta
@@ -106,6 +111,7 @@ class EventIndex:
         index = cls(int(meta["dim"]), str(meta["model_id"]))
         index.index = faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))
         index.next_id = int(meta["next_id"])
+        index.newest_at = int(meta.get("newest_at", 0))  # snapshots before it existed: unknown
         index.photo_faces = {p: [int(i) for i in ids] for p, ids in meta["photos"].items()}
         index.face_photo = {i: p for p, ids in index.photo_faces.items() for i in ids}
         index.face_bbox = {int(i): tuple(b) for i, b in meta["bboxes"].items()}

@@ -14,10 +14,11 @@ from pipeline.indexer.core import IndexerConfig, IndexerCore
 from pipeline.indexer.stage import IndexerStage
 from pipeline.kafka import consumer_config, producer_config
 from pipeline.logs import setup_logging
-from pipeline.metrics import create_metrics, serve_metrics
+from pipeline.metrics import all_of, create_metrics, serve_metrics
 from pipeline.runner import Runner
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import IndexerSettings, KafkaSettings, LogSettings, ModelSettings, RunnerSettings, TopicSettings
+from pipeline.summary import start_summaries
 from pipeline.topics import check_copartitioned
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     """`facematch indexer`."""
-    setup_logging(LogSettings().log_level)
+    log_settings = LogSettings()
+    setup_logging(log_settings.log_level, log_settings.log_format)
     kafka, topics, runner_settings = KafkaSettings(), TopicSettings(), RunnerSettings()
     settings, model = IndexerSettings(), ModelSettings()
     faiss.omp_set_num_threads(1)  # single queries are 15x slower with 2 OpenMP threads
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("indexer cannot start: %s", exc)
         return 2
     metrics = create_metrics()
-    serve_metrics(metrics, settings.metrics_port)
+    start_summaries("indexer", metrics.registry, log_settings.log_summary_interval_s)
     serde = SchemaRegistry.load()
     core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold, settings.max_top_k))
     stage = IndexerStage(core, serde, topics, partitions, settings, metrics)
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                     consumer_config(kafka, settings.group, runner_settings, **{"auto.offset.reset": "latest"}),
                     producer_config(kafka, **{"linger.ms": 0, "compression.type": "none"}),
                     topics.dlq, runner_settings, metrics, serde)
+    # Up before the group join: /readyz says 503 until partitions are owned and replayed.
+    serve_metrics(metrics, settings.metrics_port, runner.liveness, all_of(runner.readiness, stage.readiness))
     runner.install_signal_handlers()
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     runner.run()

@@ -5,6 +5,11 @@ the request topic (range assignor), so it answers queries from local state.
 On assignment it loads the partition's snapshot and replays the faces topic
 from the snapshot's offset; the partition's requests stay paused until that
 replay reaches the end, so no query is answered from a stale index.
+
+facematch_time_to_searchable_seconds is observed for live records only: a
+record replayed after an assignment was searchable before (on the previous
+owner) or waited out a downtime, and its age would measure that instead of
+the pipeline. Replay shows up in the lag and facematch_replay_records_total.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
 from pipeline.indexer.core import IndexerCore
 from pipeline.indexer.state import load_snapshot, remove_stale_snapshots, save_snapshot, snapshot_path
 from pipeline.kafka import Output
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, Probe
 from pipeline.records import MatchRequest, PhotoFaces, faces_key, now_ms, parse_faces_key
 from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
@@ -83,6 +88,7 @@ class IndexerStage(BaseStage):
             if item.value is not None:
                 faces = PhotoFaces.from_avro(self.serde.decode(PHOTO_FACES, item.value))
             erased = self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces)
+            self._observe_searchable(item.partition, event_id, faces)
         finally:
             self.core.cover(item.partition, item.offset)
             if item.partition in self.replaying:
@@ -90,6 +96,22 @@ class IndexerStage(BaseStage):
         if erased:
             logger.info("event %s deleted: tombstoning %d photos", event_id, len(erased))
         return [Output(self.topics.faces, faces_key(event_id, photo), None, item.partition) for photo in erased]
+
+    def _observe_searchable(self, partition: int, event_id: str, faces: PhotoFaces | None) -> None:
+        """Photo event -> faces applied, for live upserts that carry their event's time."""
+        if faces is None or faces.op != "UPSERT" or faces.occurred_at <= 0 or partition in self.replaying:
+            return
+        state = self.core.partitions.get(partition)
+        index = state.events.get(event_id) if state else None
+        if index is None or faces.photo_id not in index.photo_faces:
+            return  # superseded by a later delete: never became searchable
+        # Clocks of producers and indexers differ a little: never a negative latency.
+        self.metrics.time_to_searchable.observe(max(0, now_ms() - faces.occurred_at) / 1000)
+
+    def readiness(self) -> Probe:
+        """Ready when no owned faces partition is still replaying (its queries are paused)."""
+        replaying = sorted(self.replaying.copy())  # copy(): atomic while the poll thread changes it
+        return Probe(not replaying, {"replaying": replaying})
 
     def _answer(self, item: Incoming) -> list[Output]:
         reply_topic = item.headers.get(REPLY_TOPIC)

@@ -28,7 +28,7 @@ from pipeline.matcher.replies import KafkaRequester, PublishFailed, ReplyTimeout
 from pipeline.matcher.schemas import ErrorOut, IngestAccepted, IngestBody, MatchBody, MatchOut
 from pipeline.matcher.selfie import SelfieError, analyze_payload, pick_single_face
 from pipeline.metrics import Metrics
-from pipeline.records import ID_REGEX, PhotoEvent, PrecomputedFace, id_problem
+from pipeline.records import ID_REGEX, PhotoEvent, PrecomputedFace, id_problem, iso_utc
 from pipeline.serde import PHOTO_EVENT, SchemaRegistry
 from pipeline.settings import BridgeSettings, TopicSettings
 
@@ -223,6 +223,7 @@ async def _match(services: BridgeServices, event_id: str, vector: np.ndarray, to
     body = {"event_id": event_id, "matches": matches, "count": len(matches),
             "event_has_faces": reply.status == "OK", "index_size": reply.index_size,
             "photos_indexed": reply.photos_indexed, "faces_offset": reply.faces_offset,
+            "newest_face_at": iso_utc(reply.newest_face_at),
             "threshold": reply.threshold, "search_ms": reply.search_ms,
             "took_ms": (time.perf_counter() - started) * 1000}
     # Serialized directly: the shape is MatchOut (documented), validating it again costs time.

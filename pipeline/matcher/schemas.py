@@ -109,7 +109,7 @@ class PhotoMatchOut(BaseModel):
 
 
 class MatchOut(BaseModel):
-    """Matches plus freshness: index size and the faces offset the answer reflects."""
+    """Matches plus freshness: index size, the faces offset and the newest photo time the answer reflects."""
 
     event_id: str
     matches: list[PhotoMatchOut]
@@ -118,6 +118,11 @@ class MatchOut(BaseModel):
     index_size: int
     photos_indexed: int
     faces_offset: int
+    newest_face_at: str | None = Field(
+        None, examples=["2026-01-31T12:00:00.250Z"],
+        description="ISO-8601 UTC: the newest occurred_at (the photo event's time) of the photos "
+                    "applied to this event's index, with or without faces: how recent the data "
+                    "answering is. null: no photo applied yet, or none carried a time")
     threshold: float
     search_ms: float
     took_ms: float

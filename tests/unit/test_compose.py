@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.kafka.yml"
 DOCKERFILE = REPO / "Dockerfile"
 PROMETHEUS = REPO / "deploy" / "prometheus.yml"
+ALERTS = REPO / "deploy" / "alerts.yml"
 REQUIRED_SERVICES = {"kafka", "topics", "indexer", "embedder", "bridge"}
 # Variables read with os.environ outside the settings classes, e.g. os.environ.get("FACEMATCH_LOG_LEVEL").
 _ENVIRON_READ = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["'](FACEMATCH_[A-Z0-9_]+)["']""")
@@ -95,7 +96,7 @@ def test_dockerfile_variables_are_real_settings() -> None:
 
 def test_services_run_real_subcommands(compose: dict[str, Any]) -> None:
     for name, svc in compose["services"].items():
-        if svc.get("image", "").startswith(("apache/kafka", "prom/")):
+        if svc.get("image", "").startswith(("apache/kafka", "prom/", "grafana/")):
             continue
         command = svc["command"]
         assert command[0] in COMMANDS, f"{name}: `facematch {command[0]}` does not exist"
@@ -154,6 +155,41 @@ def test_prometheus_scrapes_the_metrics_ports(compose: dict[str, Any]) -> None:
     assert ("embedder", int(_env(compose["services"]["embedder"])["FACEMATCH_EMBEDDER_METRICS_PORT"])) in targets
     assert ("indexer", int(_env(compose["services"]["indexer"])["FACEMATCH_INDEXER_METRICS_PORT"])) in targets
     assert ("bridge", 5000) in targets
+    listener = compose["services"]["firestore-listener"]["command"]
+    assert ("firestore-listener", int(listener[listener.index("--metrics-port") + 1])) in targets
+
+
+def test_consumers_expose_their_metrics_ports(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, variable in (("embedder", "FACEMATCH_EMBEDDER_METRICS_PORT"),
+                           ("indexer", "FACEMATCH_INDEXER_METRICS_PORT")):
+        port = _env(services[name])[variable]
+        assert int(port) > 0, f"{name}: /metrics is off"
+        assert port in [str(p) for p in services[name]["expose"]], name
+    listener = services["firestore-listener"]["command"]
+    assert listener[listener.index("--metrics-port") + 1] in [str(p) for p in services["firestore-listener"]["expose"]]
+
+
+def test_prometheus_mounts_its_alert_rules(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
+    config_flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config_path = config_flag.split("=", 1)[1]
+    assert (REPO / mounts[config_path]).resolve() == PROMETHEUS.resolve()
+    rule_files = yaml.safe_load(PROMETHEUS.read_text())["rule_files"]
+    for rule_file in rule_files:  # relative to the config file, inside the container
+        in_container = str(Path(config_path).parent / rule_file)
+        assert (REPO / mounts[in_container]).resolve() == ALERTS.resolve(), in_container
+
+
+def test_monitoring_is_behind_a_profile_on_loopback(compose: dict[str, Any]) -> None:
+    for name, port in (("prometheus", 9090), ("grafana", 3000)):
+        service = compose["services"][name]
+        assert service["profiles"] == ["monitoring"], name
+        assert [str(p) for p in service["ports"]] == [f"127.0.0.1:{port}:{port}"], name
+        assert ":" in service["image"] and not service["image"].endswith(":latest"), name
+    assert "prometheus" in compose["services"]["grafana"]["depends_on"]
+    assert "grafana-data" in compose["volumes"]
 
 
 def test_firestore_listener_is_behind_a_profile_with_its_secret(compose: dict[str, Any]) -> None:
