@@ -13,7 +13,7 @@ help:
 	@echo "make test   - lint + every test against the real broker, emulator and models"
 	@echo "make up     - start broker + services in the background (bridge on :5000); make down stops them"
 	@echo "              make up DURABLE_DIR=.state/broker keeps the embedded broker's data across restarts"
-	@echo "make bench  - benchmarks (JSON in bench/results/)"
+	@echo "make bench  - every benchmark, then BENCHMARKS.md (JSON in bench/results/, plots in docs/bench/)"
 	@echo "make fuzz   - schemathesis against the bridge's OpenAPI, 100 cases per operation and mode (1,000+)"
 
 $(STAMP): pyproject.toml
@@ -54,11 +54,24 @@ fuzz: models
 
 .PHONY: soak
 soak: $(STAMP)
-	FACEMATCH_FAULT_PHOTOS=$${FACEMATCH_FAULT_PHOTOS:-10000} $(PY) -m pytest -q -s -p no:cacheprovider tests/faults
+	FACEMATCH_FAULT_DURABLE=1 FACEMATCH_FAULT_PHOTOS=$${FACEMATCH_FAULT_PHOTOS:-10000} $(PY) -m pytest -q -s -p no:cacheprovider tests/faults
 
-bench: models
-	$(PY) bench/match_latency.py
-	$(PY) bench/embedder_throughput.py
+# Benchmark sizes (documented in BENCHMARKS.md's header): make bench FACEMATCH_BENCH_ENGINE_FACES=20000 ...
+export FACEMATCH_BENCH_MATCH_FACES ?= 10000
+export FACEMATCH_BENCH_QUERIES ?= 500
+export FACEMATCH_BENCH_EMBED_COPIES ?= 6
+export FACEMATCH_BENCH_ENGINE_FACES ?= 100000
+export FACEMATCH_BENCH_ENGINE_QUERIES ?= 300
+export FACEMATCH_BENCH_TIMEOUT_S ?= 600
+
+.PHONY: bench-deps
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+
+# Every bench/*.py script in its own process (a failure or timeout is recorded, the rest still run),
+# then BENCHMARKS.md and docs/bench/*.png from bench/results/*.json; fails at the end if a script did.
+bench: bench-deps models
+	$(PY) bench/run_all.py; rc=$$?; $(PY) bench/report.py && exit $$rc
 
 clean: down
 	rm -rf .run .state bench/results

@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.indexer.event_index import EventIndex, dumps_meta, loads_meta
+from pipeline.indexer.promotion import IndexOptions
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 had no delete ledger and no saved_at_ms
+SNAPSHOT_VERSION = 3
+# Version 1 had no delete ledger and no saved_at_ms; 1 and 2 kept per-face metadata in the
+# JSON header; 3 keeps it in arrays beside the index (`event_<i>_<name>`).
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def photo_key(event_id: str, photo_id: str) -> str:
@@ -75,6 +78,9 @@ def save_snapshot(state: PartitionState, path: Path) -> None:
     for i, (event_id, index) in enumerate(sorted(state.events.items())):
         blob, meta = index.to_snapshot()
         arrays[f"index_{i}"] = blob
+        for name, array in meta.pop("arrays", {}).items():
+            arrays[f"event_{i}_{name}"] = array
+            meta.setdefault("array_names", []).append(name)
         events_meta.append({"event_id": event_id, **meta})
     header = {"version": SNAPSHOT_VERSION, "partition": state.partition,
               "next_offset": state.next_offset, "last_applied": state.last_applied,
@@ -92,8 +98,11 @@ def save_snapshot(state: PartitionState, path: Path) -> None:
 
 
 def load_snapshot(path: Path, partition: int, dim: int, model_id: str | None = None,
-                  max_age_s: float | None = None) -> PartitionState | None:
-    """The saved state, or None if absent/unreadable/too old/for another model (then replay)."""
+                  max_age_s: float | None = None, options: IndexOptions | None = None) -> PartitionState | None:
+    """The saved state, or None if absent/unreadable/too old/for another model (then replay).
+
+    `options` set how the loaded events grow (promotion to an approximate index).
+    """
     if not path.exists():
         return None
     try:
@@ -108,7 +117,10 @@ def load_snapshot(path: Path, partition: int, dim: int, model_id: str | None = N
                     raise ValueError(f"snapshot dim {meta['dim']} != model dim {dim}")
                 if model_id is not None and meta["model_id"] != model_id:
                     raise ValueError(f"snapshot model {meta['model_id']} != {model_id}")
-                events[meta["event_id"]] = EventIndex.from_snapshot(data[f"index_{i}"], meta)
+                names = meta.pop("array_names", None)
+                if names is not None:
+                    meta["arrays"] = {name: data[f"event_{i}_{name}"] for name in names}
+                events[meta["event_id"]] = EventIndex.from_snapshot(data[f"index_{i}"], meta, options)
     except Exception as exc:  # a bad snapshot only costs a replay
         logger.warning("ignoring snapshot %s (%s); replaying the faces topic", path, exc)
         return None
@@ -130,6 +142,9 @@ def _check_age(header: dict[str, Any], path: Path, max_age_s: float | None) -> N
                          "has not seen may be purged from the faces topic")
 
 
+TORN_TEMP_AGE_S = 600.0  # far longer than any snapshot write
+
+
 def remove_stale_snapshots(directory: Path, keep: set[Path], max_age_s: float) -> list[Path]:
     """Delete snapshot files not in `keep` older than max_age_s (they could only be ignored).
 
@@ -143,6 +158,16 @@ def remove_stale_snapshots(directory: Path, keep: set[Path], max_age_s: float) -
     for path in directory.glob("partition-*.npz"):
         try:
             if path not in keep and now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    # A write cut off by a crash leaves its temp file behind; it may hold erased faces too.
+    # Only another process's, or one idle for a while, is torn (this process may be writing it).
+    for path in directory.glob("partition-*.tmp*"):
+        try:
+            own = path.suffix == f".tmp{os.getpid()}"
+            if not own or now - path.stat().st_mtime > TORN_TEMP_AGE_S:
                 path.unlink()
                 removed.append(path)
         except FileNotFoundError:

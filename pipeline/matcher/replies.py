@@ -34,6 +34,8 @@ from pipeline.topics import partition_for
 
 logger = logging.getLogger(__name__)
 
+REPLY_BATCH = 256  # replies taken from the fetched queue per wakeup of the waiters' event loops
+
 
 class ReplyTimeout(TimeoutError):
     """No reply arrived in time although the broker took the request (the bridge answers 504)."""
@@ -137,6 +139,12 @@ def claim_reply_partition(runtime_dir: Path, bootstrap: str, reply_topic: str, c
         f"reply topic more partitions (FACEMATCH_TOPIC_REPLY_PARTITIONS)")
 
 
+PRODUCER_IDENTITY_ERRORS = frozenset({
+    KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.INVALID_PRODUCER_ID_MAPPING,
+})
+
+
 class KafkaRequester:
     """Sends match requests and awaits their replies; also publishes records."""
 
@@ -192,6 +200,7 @@ class KafkaRequester:
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
+                self._note_delivery_error(err)
                 loop.call_soon_threadsafe(_set_exception, future, PublishFailed(f"broker refused: {err}"))
             else:
                 acked.append(True)
@@ -224,6 +233,7 @@ class KafkaRequester:
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
+                self._note_delivery_error(err)
                 loop.call_soon_threadsafe(_set_exception, future, PublishFailed(f"broker refused: {err}"))
             else:
                 loop.call_soon_threadsafe(_set_result, future, (msg.partition(), msg.offset()))
@@ -236,6 +246,13 @@ class KafkaRequester:
             return await asyncio.wait_for(future, self.delivery_timeout_s + 1.0)
         except asyncio.TimeoutError as exc:
             raise PublishFailed(f"broker did not acknowledge within {self.delivery_timeout_s}s") from exc
+
+    def _note_delivery_error(self, err: Any) -> None:
+        # A broker that lost its producer state (restart, failover) fences the idempotent producer
+        # record by record, never as a fatal client error: without a new producer every later
+        # publish would be refused until the bridge restarts.
+        if err.fatal() or err.code() in PRODUCER_IDENTITY_ERRORS:
+            self._fatal = err
 
     def _on_client_error(self, err: Any) -> None:
         if err.fatal():
@@ -284,27 +301,44 @@ class KafkaRequester:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._poll_producer()
-            msg = self.consumer.poll(0.05)
-            if msg is None:
+            first = self.consumer.poll(0.05)
+            if first is None:
                 continue
-            if msg.error():
-                logger.warning("reply consumer: %s", msg.error())
-                continue
-            self._deliver(msg)
+            # poll() returns at the first reply; consume(timeout=0) takes what is already fetched,
+            # so a burst of replies wakes each event loop once, not once per reply.
+            messages = [first, *self.consumer.consume(REPLY_BATCH - 1, timeout=0)]
+            ready: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[MatchReply], Any]]] = {}
+            for msg in messages:
+                if msg.error():
+                    logger.warning("reply consumer: %s", msg.error())
+                    continue
+                self._deliver(msg, ready)
+            for loop, settled in ready.items():
+                loop.call_soon_threadsafe(_settle_all, settled)
 
-    def _deliver(self, msg: Any) -> None:
-        headers = dict(msg.headers() or [])
-        correlation = headers.get(CORRELATION)
+    def _deliver(self, msg: Any, ready: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[MatchReply],
+                                                                               Any]]]) -> None:
+        headers = msg.headers()
+        correlation = next((v for k, v in headers if k == CORRELATION), None) if headers else None
         with self._lock:
             waiter = self._pending.get(correlation) if correlation else None
         if waiter is None:
             return  # a reply for another bridge life or a timed-out request
+        outcome: Any
         try:
-            reply = MatchReply.from_avro(self.serde.decode(MATCH_REPLY, msg.value()))
+            outcome = MatchReply.from_avro(self.serde.decode(MATCH_REPLY, msg.value()))
         except Exception as exc:  # undecodable reply: fail that request loudly
-            waiter[0].call_soon_threadsafe(_set_exception, waiter[1], exc)
-            return
-        waiter[0].call_soon_threadsafe(_set_result, waiter[1], reply)
+            outcome = exc
+        ready.setdefault(waiter[0], []).append((waiter[1], outcome))
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """On the waiters' loop: each future gets its reply, or the exception that replaced it."""
+    for future, outcome in settled:
+        if isinstance(outcome, BaseException):
+            _set_exception(future, outcome)
+        else:
+            _set_result(future, outcome)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -58,7 +58,8 @@ def private_stack(private_broker: EmbeddedBroker, tmp_path: Path,
 
 def test_ingest_and_match_answer_503_with_retry_after_when_the_broker_is_down(
         private_stack: Stack, private_broker: EmbeddedBroker) -> None:
-    base = private_stack.bridge(wait_for="insightface_ready", FACEMATCH_BRIDGE_TIMEOUT_S="3.0")
+    private_stack.indexer()
+    base = private_stack.bridge(FACEMATCH_BRIDGE_TIMEOUT_S="3.0")  # waits for /health 200: ready
     photo = {"event_id": "E", "photo_id": "p1", "embedding": [0.1] * DIM}
     status, body, _ = request("POST", f"{base}/api/v2/ingest", photo)
     assert status == 202, body  # the broker is up: accepted
@@ -88,3 +89,10 @@ def test_ingest_and_match_answer_503_with_retry_after_when_the_broker_is_down(
         return status == 202
     wait_for(accepted, 60, "ingest accepted again after the broker is back", interval_s=0.5)
     assert set(answers) <= {202, 503}, answers
+
+    # Load balancers act on /health: it turns 200 again once the indexer owns every partition anew.
+    def healthy() -> dict[str, Any] | None:
+        status, health, _ = request("GET", f"{base}/health")
+        return health if status == 200 and health["ready"] else None
+    health = wait_for(healthy, 120, "/health 200 after the broker is back", interval_s=0.5)
+    assert health["broker"]["reachable"] and health["partitions_owned"] == health["partitions"]

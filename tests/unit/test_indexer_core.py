@@ -226,6 +226,25 @@ def test_stale_unowned_snapshots_are_removed(tmp_path: Path) -> None:
     assert owned.exists() and young.exists() and not old.exists()
 
 
+def test_torn_snapshot_temp_files_are_removed(tmp_path: Path) -> None:
+    """A crash mid-write leaves partition-NNNN.tmp<pid>; the sweep removes it, not a write in progress."""
+    import os
+    import time
+
+    from pipeline.indexer.state import remove_stale_snapshots
+
+    torn = tmp_path / "partition-0001.tmp999999999"  # another (dead) process's write
+    writing = tmp_path / f"partition-0002.tmp{os.getpid()}"  # ours, fresh: maybe being written
+    old_own = tmp_path / f"partition-0003.tmp{os.getpid()}"
+    for path in (torn, writing, old_own):
+        path.write_bytes(b"half a snapshot")
+    long_ago = time.time() - 3600
+    os.utime(old_own, (long_ago, long_ago))
+    removed = remove_stale_snapshots(tmp_path, set(), max_age_s=60)
+    assert sorted(removed) == sorted([torn, old_own])
+    assert writing.exists() and not torn.exists() and not old_own.exists()
+
+
 # -- model identity ------------------------------------------------------------------------------
 
 def test_faces_of_another_model_are_refused_even_with_the_same_dim(core: IndexerCore) -> None:
