@@ -17,6 +17,19 @@ PERMANENT_DELIVERY_ERRORS = frozenset({
 })
 
 
+# A broker that lost its producer state (restart, failover) fences an idempotent producer
+# record by record; only a new producer gets through again.
+PRODUCER_IDENTITY_ERRORS = frozenset({
+    KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.INVALID_PRODUCER_ID_MAPPING,
+})
+
+
+def breaks_producer(err: KafkaError) -> bool:
+    """True when the producer that got `err` will refuse everything from now on."""
+    return bool(err.fatal()) or err.code() in PRODUCER_IDENTITY_ERRORS
+
+
 class DeliveryFailed(Exception):
     """An output of the record can never be delivered (unknown topic/partition, too large)."""
 
@@ -33,6 +46,7 @@ class DeliveryTrack:
     pending: int = 0
     permanent: list[str] = field(default_factory=list)
     transient: list[str] = field(default_factory=list)
+    producer_broken: bool = False
 
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         self.pending -= 1
@@ -40,6 +54,7 @@ class DeliveryTrack:
             self.failed(err, msg.topic(), msg.partition())
 
     def failed(self, err: KafkaError, topic: str, partition: int | None) -> None:
+        self.producer_broken = self.producer_broken or breaks_producer(err)
         where = topic if partition is None or partition < 0 else f"{topic}[{partition}]"
         errors = self.permanent if err.code() in PERMANENT_DELIVERY_ERRORS else self.transient
         errors.append(f"{where}: {err.name()}: {err.str()}")

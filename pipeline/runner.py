@@ -8,8 +8,9 @@ bounded backoff then dead-lettered. Stages never see a Kafka object.
 
 Delivery is tracked per record: a record whose output can never be delivered
 (unknown topic or partition, too large) is dead-lettered as `delivery_failed`;
-any other delivery failure (broker trouble) stops the runner with the offsets
-of that record and the rest of its partition unstored, so they are redelivered.
+any other delivery failure (broker trouble) holds the partition at that record,
+unstored, and handles it again after a backoff (with a new producer if the
+broker fenced the old one), so services ride out a broker restart by themselves.
 
 Retries never sleep on the poll thread: a transient failure pauses its
 partition and seeks it back to the failed record, which is handled again once
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline.deadletter import DeadLetterSource, dead_letter_output
 from pipeline.delivery import DeliveryFailed, DeliveryTrack
@@ -128,6 +129,9 @@ class Runner:
         # them, and give up on unknown ones quickly (then dead-letter).
         producer_conf.setdefault("allow.auto.create.topics", False)
         producer_conf.setdefault("topic.metadata.propagation.max.ms", settings.unknown_topic_timeout_ms)
+        producer_conf["error_cb"] = self._on_producer_error
+        self._producer_conf = producer_conf
+        self._producer_broken: object | None = None  # the fatal error, once the producer is unusable
         self.consumer = Consumer(consumer_conf)
         self.producer = Producer(producer_conf)
         self.control = _KafkaControl(self.consumer)
@@ -183,7 +187,7 @@ class Runner:
                       "assigned": [f"{topic}[{partition}]" for topic, partition in assigned]})
 
     def _poll_batch(self) -> list[Message]:
-        self.producer.poll(0)
+        self._serve_producer(0)
         # poll() returns at the first record; consume(timeout=0) then takes what
         # is already fetched, so a lone request never waits for a full batch.
         first = self.consumer.poll(self.settings.poll_timeout_s)
@@ -222,7 +226,7 @@ class Runner:
             tracks.append(self._emit(item, outcome, attempt))
         self._flush_and_dead_letter(tracks)
         self._store_offsets(self._settle(tracks))
-        self._raise_if_undelivered(tracks)
+        self._redo_undelivered(tracks)
         self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - started)
 
     def _admit(self, items: list[Incoming]) -> list[Incoming]:
@@ -324,14 +328,14 @@ class Runner:
 
     def _flush_and_dead_letter(self, tracks: Sequence[DeliveryTrack]) -> None:
         """Wait for the acks; dead-letter records whose outputs can never be delivered."""
-        self.producer.flush(self.settings.flush_timeout_s)
+        self._serve_producer(self.settings.flush_timeout_s)
         undeliverable = [t for t in tracks if t.permanent and not t.transient and not t.dead_letter]
         for track in undeliverable:
             error = DeliveryFailed("; ".join(track.permanent)[:500])
             track.permanent = []  # outputs still in flight keep counting in `pending`
             self._dead_letter(track, error)
         if undeliverable:
-            self.producer.flush(self.settings.flush_timeout_s)
+            self._serve_producer(self.settings.flush_timeout_s)
 
     def _settle(self, tracks: Sequence[DeliveryTrack]) -> list[Incoming]:
         """Records whose outputs are all acked, up to the first undelivered one per partition."""
@@ -349,16 +353,58 @@ class Runner:
             done.append(track.item)
         return done
 
-    def _raise_if_undelivered(self, tracks: Sequence[DeliveryTrack]) -> None:
-        """Broker trouble: stop with the rest unstored, so it is redelivered after the restart.
+    def _redo_undelivered(self, tracks: Sequence[DeliveryTrack]) -> None:
+        """Broker trouble: hold each partition at its first undelivered record and handle it again later.
 
-        Not retried in-process: stateful stages (the indexer) have already applied
-        these records, and only a restart replays them from a consistent point.
+        Nothing after that record is stored, so nothing is lost; records handled
+        twice are fine for every stage (the embedder is stateless, the indexer's
+        upserts, deletes and tombstones are idempotent, a reply twice is filtered
+        by correlation id). The attempt count does not grow: an outage is not the
+        record's fault, so it never reaches the DLQ for it.
         """
         failed = [t for t in tracks if not t.delivered]
-        if failed:
-            errors = [e for t in failed for e in t.transient + t.permanent][:3]
-            raise KafkaException(f"{len(failed)} records' outputs unacknowledged; delivery errors: {errors}")
+        if not failed:
+            return
+        if self._producer_broken is not None or any(t.producer_broken for t in failed):
+            self._replace_producer()
+        first: dict[TP, DeliveryTrack] = {}
+        for track in failed:
+            first.setdefault((track.item.topic, track.item.partition), track)
+        for track in first.values():
+            item = track.item
+            self.metrics.retries.labels(self.stage.name, "delivery").inc()
+            logger.warning("%s: outputs of %s[%d]@%d not acknowledged (%s); handling it again later",
+                           self.stage.name, item.topic, item.partition, item.offset,
+                           "; ".join(track.transient[:2]) or "timed out")
+            self._hold(item, self._attempts_before(item))
+
+    def _serve_producer(self, timeout_s: float) -> None:
+        """poll(0) or flush: serve delivery reports; a fatal producer error raised from them marks it broken."""
+        try:
+            if timeout_s:
+                self.producer.flush(timeout_s)
+            else:
+                self.producer.poll(0)
+        except (KafkaException, SystemError) as exc:  # SystemError: the fatal error surfaced inside a callback
+            logger.warning("%s: producer failed: %s", self.stage.name, exc)
+            self._producer_broken = self._producer_broken or exc
+
+    def _on_producer_error(self, err: KafkaError) -> None:
+        logger.warning("kafka producer: %s", err)
+        if err.fatal():
+            self._producer_broken = err
+
+    def _replace_producer(self) -> None:
+        """A fenced or fatally failed idempotent producer refuses everything: start a new one."""
+        logger.error("%s: producer unusable (%s): starting a new one", self.stage.name,
+                     self._producer_broken or "fenced by the broker")
+        old, self.producer = self.producer, Producer(self._producer_conf)
+        self._producer_broken = None
+        try:  # what it still holds is redone through the holds; drop it rather than deliver it late
+            old.purge(in_queue=True, in_flight=True)
+            old.poll(0)
+        except KafkaException as exc:
+            logger.debug("purging the old producer: %s", exc)
 
     def _store_offsets(self, batch: Sequence[Incoming]) -> None:
         highest: dict[TP, int] = {}
@@ -422,7 +468,7 @@ class Runner:
     def _shutdown(self) -> None:
         logger.info("%s: stopping: flush, commit, close", self.stage.name)
         try:
-            self.producer.flush(self.settings.flush_timeout_s)
+            self._serve_producer(self.settings.flush_timeout_s)
             self.stage.close()
             self._commit_sync()
         finally:

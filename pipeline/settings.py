@@ -147,6 +147,12 @@ class IndexerSettings(BaseSettings):
     snapshot_min_records: int = 1
     metrics_port: int = 0
     max_top_k: int = 1000
+    # An event's exact index becomes IVF-SQ8 above this many faces (0: never); see pipeline/indexer/promotion.py.
+    index_promote_at: int = 100_000
+    index_nprobe: int = 64  # inverted lists scanned per query, at least
+    index_probe_fraction: float = 0.1  # ...and at least this share of them (recall as events grow)
+    index_regrow_factor: float = 4.0  # retrain once an event has grown this many times past its last build
+    index_build_threads: int = 1  # OpenMP threads of the background build; the other core keeps answering
 
 
 class BridgeSettings(BaseSettings):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pipeline.errors import PoisonRecord
 from pipeline.facelib.vectors import InvalidEmbedding, normalize_embedding
 from pipeline.indexer.event_index import EventIndex
+from pipeline.indexer.promotion import IndexOptions
 from pipeline.indexer.state import PartitionState, photo_key
 from pipeline.records import MatchReply, MatchRequest, PhotoFaces
 
@@ -25,6 +26,7 @@ class IndexerConfig:
     model_id: str
     default_threshold: float
     max_top_k: int = 1000
+    index: IndexOptions = IndexOptions()  # when an event moves to an approximate index
 
 
 class IndexerCore:
@@ -69,7 +71,7 @@ class IndexerCore:
             raise PoisonRecord("model_mismatch", f"event {event_id} is indexed with {index.model_id}; "
                                f"faces of {faces.model_id} cannot join it")
         if index is None:
-            index = state.events[event_id] = EventIndex(self.config.dim, faces.model_id)
+            index = state.events[event_id] = EventIndex(self.config.dim, faces.model_id, self.config.index)
         index.upsert(faces.photo_id, faces.faces, faces.occurred_at)
         state.deleted_photos.pop(photo_key(event_id, faces.photo_id), None)
         return []

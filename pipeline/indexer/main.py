@@ -11,6 +11,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.facelib.spec import spec_for
 from pipeline.indexer.core import IndexerConfig, IndexerCore
+from pipeline.indexer.promotion import IndexOptions
 from pipeline.indexer.stage import IndexerStage
 from pipeline.kafka import consumer_config, producer_config
 from pipeline.logs import setup_logging
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = create_metrics()
     start_summaries("indexer", metrics.registry, log_settings.log_summary_interval_s)
     serde = SchemaRegistry.load()
-    core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold, settings.max_top_k))
+    options = IndexOptions(promote_at=settings.index_promote_at, nprobe=settings.index_nprobe,
+                           probe_fraction=settings.index_probe_fraction,
+                           regrow_factor=settings.index_regrow_factor, build_threads=settings.index_build_threads)
+    core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold, settings.max_top_k, options))
     stage = IndexerStage(core, serde, topics, partitions, settings, metrics)
     runner = Runner(stage, [topics.faces, topics.match_requests],
                     consumer_config(kafka, settings.group, runner_settings, **{"auto.offset.reset": "latest"}),

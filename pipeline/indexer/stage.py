@@ -147,7 +147,7 @@ class IndexerStage(BaseStage):
                 continue
             path = snapshot_path(self.settings.state_dir, topic, partition)
             state = load_snapshot(path, partition, self.core.config.dim, self.core.config.model_id,
-                                  SNAPSHOT_MAX_AGE_S)
+                                  SNAPSHOT_MAX_AGE_S, options=self.core.config.index)
             if state is None:
                 self.core.drop(partition)
                 starts[(topic, partition)] = OFFSET_BEGINNING

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from pipeline.delivery import breaks_producer
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
 from pipeline.records import MatchReply, MatchRequest, now_ms
 from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, SchemaRegistry
@@ -139,12 +140,6 @@ def claim_reply_partition(runtime_dir: Path, bootstrap: str, reply_topic: str, c
         f"reply topic more partitions (FACEMATCH_TOPIC_REPLY_PARTITIONS)")
 
 
-PRODUCER_IDENTITY_ERRORS = frozenset({
-    KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.UNKNOWN_PRODUCER_ID,
-    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.INVALID_PRODUCER_ID_MAPPING,
-})
-
-
 class KafkaRequester:
     """Sends match requests and awaits their replies; also publishes records."""
 
@@ -251,7 +246,7 @@ class KafkaRequester:
         # A broker that lost its producer state (restart, failover) fences the idempotent producer
         # record by record, never as a fatal client error: without a new producer every later
         # publish would be refused until the bridge restarts.
-        if err.fatal() or err.code() in PRODUCER_IDENTITY_ERRORS:
+        if breaks_producer(err):
             self._fatal = err
 
     def _on_client_error(self, err: Any) -> None:
