@@ -14,7 +14,7 @@ help:
 	@echo "make up     - start broker + services in the background (bridge on :5000); make down stops them"
 	@echo "              make up DURABLE_DIR=.state/broker keeps the embedded broker's data across restarts"
 	@echo "make bench  - every benchmark, then BENCHMARKS.md (JSON in bench/results/, plots in docs/bench/)"
-	@echo "make fuzz   - schemathesis against the bridge's OpenAPI, 100 cases per operation and mode (1,000+)"
+	@echo "make fuzz   - schemathesis against the bridge's OpenAPI, 200 cases per operation and mode (1,000+)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ demo: models photos
 	$(VENV)/bin/facematch demo
 
 fuzz: models
-	FACEMATCH_FUZZ_EXAMPLES=100 $(PY) -m pytest -q -p no:cacheprovider -s tests/fuzz
+	FACEMATCH_FUZZ_EXAMPLES=200 $(PY) -m pytest -q -p no:cacheprovider -s tests/fuzz
 
 .PHONY: soak
 soak: $(STAMP)

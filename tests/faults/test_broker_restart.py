@@ -91,11 +91,11 @@ def s3_port_free() -> bool:
 @pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
                     reason="kills the embedded broker; an external KAFKA_BOOTSTRAP_SERVERS cannot be restarted")
 @pytest.mark.skipif(os.environ.get("FACEMATCH_FAULT_DURABLE") != "1", reason=(
-    "opt-in (FACEMATCH_FAULT_DURABLE=1, set by `make soak`): after a SIGKILL and restart of Tansu 0.6's "
-    "S3 engine, consumers positioned at the log end stop receiving new records after a few hundred "
-    "requests while a consumer reading from offset 0 sees them all, so matches time out; no photo is "
-    "lost or duplicated. tests/integration/test_durable_broker.py covers the restart in `make test`."))
-@pytest.mark.timeout(budget_s(300))
+    "opt-in (FACEMATCH_FAULT_DURABLE=1, set by `make soak`): passes 2 runs in 3 on Tansu 0.6's S3 engine. "
+    "In the failing run the indexer keeps answering (replies are on the reply partition, a fresh consumer "
+    "reads them) but the bridge's assign()ed reply consumer stops receiving them some minutes after the "
+    "broker restart, so matches time out; no photo is lost or duplicated in any run. "
+    "tests/integration/test_durable_broker.py and test_bridge_broker_down.py cover restarts in `make test`."))
 def test_durable_broker_sigkill_mid_ingest_then_client_retries_lose_nothing(tmp_path, request) -> None:
     # Another durable broker on this machine would own port 8333: wait for it rather than share its bucket.
     wait_for(s3_port_free, 120, f"port {S3_PORT} (SeaweedFS) to be free", 1.0)
