@@ -4,9 +4,16 @@ Measures, on the same broker and machine:
   1. bare FAISS search (IndexFlatIP, 1 thread) over N faces of one event;
   2. bare broker request/reply round trip (a trivial echo process, same client tuning);
   3. the full path: POST /api/v2/match on the bridge, answered by the indexer over Kafka.
-Prints p50/p99 and the ratio full/round-trip (target: p50 within 1.5x), writes JSON.
+Each of 2 and 3 runs at every --concurrency (closed loop: C requests always in flight;
+the round trip keeps C requests outstanding from one client, the HTTP path uses C
+client threads with a keep-alive connection each) and reports p50/p99 and req/s.
+Prints the ratio full/round-trip at the same concurrency (target: p50 within 1.5x at
+1 client), writes JSON. The top-level fields are those of the first --dims at 1 client.
 
-    .venv/bin/python bench/match_latency.py [--faces 10000] [--queries 500] [--out bench/results/match_latency.json]
+    .venv/bin/python bench/match_latency.py [--faces 10000] [--queries 500] [--dims 512,128]
+        [--concurrency 1,32] [--out bench/results/match_latency.json]
+
+Sizes also come from BENCH_FACES, BENCH_QUERIES, BENCH_DIMS and BENCH_CONCURRENCY.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,10 +46,13 @@ DIM = 512
 TUNED = {"linger.ms": 0, "fetch.wait.max.ms": 5}
 
 
-def percentiles(samples_s: list[float]) -> dict[str, float]:
+def percentiles(samples_s: list[float], wall_s: float | None = None) -> dict[str, float]:
     ms = np.asarray(samples_s) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "n": len(ms)}
+    out = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+           "mean_ms": float(ms.mean()), "n": len(ms)}
+    if wall_s:
+        out["req_per_s"] = len(ms) / wall_s
+    return out
 
 
 def bench_faiss(faces: int, queries: int) -> dict[str, float]:
@@ -75,7 +86,8 @@ def echo_main(bootstrap: str, request_topic: str, reply_topic: str) -> None:
         producer.poll(0)
 
 
-def bench_round_trip(bootstrap: str, queries: int, workdir: Path) -> dict[str, float]:
+def bench_round_trip(bootstrap: str, queries: int, workdir: Path,
+                     concurrencies: list[int]) -> dict[int, dict[str, float]]:
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
     topics = TopicSettings(prefix=f"rt{uuid.uuid4().hex[:6]}.", partitions=1)
     create_topics(kafka, topics)
@@ -86,26 +98,52 @@ def bench_round_trip(bootstrap: str, queries: int, workdir: Path) -> dict[str, f
                          "fetch.wait.max.ms": 5})
     consumer.assign([TopicPartition(topics.match_replies, 0, 0)])
     payload = os.urandom(DIM * 4)
-    samples = []
+    results = {}
     try:
-        for i in range(queries + 50):
-            start = time.perf_counter()
-            producer.produce(topics.match_requests, value=payload, partition=0, headers=[("id", str(i).encode())])
-            producer.poll(0)
-            deadline = start + 10
-            while time.perf_counter() < deadline:
-                msg = consumer.poll(1)
-                if msg is not None and not msg.error() and dict(msg.headers() or [])["id"] == str(i).encode():
-                    if i >= 50:  # the first 50 warm up connections and the echo's start
-                        samples.append(time.perf_counter() - start)
-                    break
+        _closed_loop(producer, consumer, topics.match_requests, payload, 50, 1)  # warm-up, echo start
+        for concurrency in concurrencies:
+            results[concurrency] = _closed_loop(producer, consumer, topics.match_requests, payload,
+                                                queries * max(1, concurrency // 4), concurrency)
     finally:
         echo.kill()
         consumer.close()
-    return percentiles(samples)
+    return results
 
 
-def bench_http(bootstrap: str, faces: int, queries: int, workdir: Path) -> dict[str, float]:
+def _closed_loop(producer: Producer, consumer: Consumer, topic: str, payload: bytes, total: int,
+                 concurrency: int) -> dict[str, float]:
+    """`total` echo round trips with `concurrency` of them always outstanding."""
+    sent_at: dict[bytes, float] = {}
+    samples: list[float] = []
+    next_id = 0
+
+    def send() -> None:
+        nonlocal next_id
+        request_id = f"{concurrency}-{next_id}".encode()
+        next_id += 1
+        sent_at[request_id] = time.perf_counter()
+        producer.produce(topic, value=payload, partition=0, headers=[("id", request_id)])
+        producer.poll(0)
+
+    started = time.perf_counter()
+    for _ in range(min(concurrency, total)):
+        send()
+    deadline = started + 120
+    while len(samples) < total and time.perf_counter() < deadline:
+        msg = consumer.poll(1)
+        if msg is None or msg.error():
+            continue
+        sent = sent_at.pop(dict(msg.headers() or [])["id"], None)
+        if sent is None:
+            continue  # an earlier phase's straggler
+        samples.append(time.perf_counter() - sent)
+        if next_id < total:
+            send()
+    return percentiles(samples, time.perf_counter() - started)
+
+
+def bench_http(bootstrap: str, faces: int, queries: int, workdir: Path,
+               concurrencies: list[int]) -> dict[int, dict[str, float]]:
     topics = TopicSettings(prefix=f"bm{uuid.uuid4().hex[:6]}.", partitions=12)
     create_topics(KafkaSettings(bootstrap_servers=bootstrap), topics)
     port = free_port()
@@ -122,22 +160,65 @@ def bench_http(bootstrap: str, faces: int, queries: int, workdir: Path) -> dict[
         wait_ready(f"http://{base}", 120, procs)
         vectors = _publish_faces(bootstrap, topics, faces)
         _wait_indexed(port, vectors[0], faces)
-        conn = http.client.HTTPConnection("127.0.0.1", port)
-        samples = []
-        for i in range(queries + 20):
-            body = json.dumps({"event_id": "BENCH", "user_embedding": vectors[i % faces].tolist(), "top_k": 20})
-            start = time.perf_counter()
-            conn.request("POST", "/api/v2/match", body, {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            payload = json.loads(response.read())
-            elapsed = time.perf_counter() - start
-            assert response.status == 200 and payload["index_size"] == faces, payload
-            if i >= 20:
-                samples.append(elapsed)
-        return percentiles(samples)
+        bodies = [json.dumps({"event_id": "BENCH", "user_embedding": vectors[i % faces].tolist(),
+                              "top_k": 20}).encode() for i in range(min(faces, 2000))]
+        _http_clients(port, bodies, faces, 20, 1)  # warm-up
+        return {c: _http_clients(port, bodies, faces, queries * max(1, c // 4), c) for c in concurrencies}
     finally:
         for proc in procs:
             proc.stop()
+
+
+def _http_clients(port: int, bodies: list[bytes], faces: int, total: int, concurrency: int) -> dict[str, float]:
+    """`total` matches from `concurrency` client threads, each with its own keep-alive connection."""
+    samples: list[float] = []
+    outside: list[float] = []  # client time minus the bridge's took_ms: HTTP, routing, validation, JSON
+    inside: list[tuple[float, float]] = []  # (took_ms: produce -> reply on the bridge, search_ms on the indexer)
+    errors: list[BaseException] = []
+    counter = iter(range(total))
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine: list[float] = []
+        mine_outside: list[float] = []
+        mine_inside: list[tuple[float, float]] = []
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    break
+                start = time.perf_counter()
+                conn.request("POST", "/api/v2/match", bodies[i % len(bodies)], {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                payload = json.loads(response.read())
+                mine.append(time.perf_counter() - start)
+                mine_outside.append(mine[-1] - payload["took_ms"] / 1000)
+                mine_inside.append((payload["took_ms"], payload["search_ms"] or 0.0))
+                assert response.status == 200 and payload["index_size"] == faces, payload
+        except BaseException as exc:  # reported after the join: a failed client fails the run
+            errors.append(exc)
+        finally:
+            conn.close()
+            with lock:
+                samples.extend(mine)
+                outside.extend(mine_outside)
+                inside.extend(mine_inside)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    result = percentiles(samples, time.perf_counter() - started)
+    result["outside_kafka_p50_ms"] = float(np.percentile(outside, 50)) * 1000
+    result["bridge_took_p50_ms"] = float(np.percentile([t for t, _ in inside], 50))
+    result["indexer_search_p50_ms"] = float(np.percentile([s for _, s in inside], 50))
+    return result
 
 
 def _publish_faces(bootstrap: str, topics: TopicSettings, faces: int) -> np.ndarray:
@@ -167,41 +248,81 @@ def _wait_indexed(port: int, probe: np.ndarray, faces: int, timeout_s: float = 3
     raise TimeoutError(f"index never reached {faces} faces")
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run_dim(bootstrap: str, dim: int, faces: int, queries: int, concurrencies: list[int]) -> dict[str, object]:
+    """Baselines and the full path at one embedding size, all in this run."""
+    global DIM
+    DIM = dim
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        faiss_search = bench_faiss(faces, queries)
+        round_trip = bench_round_trip(bootstrap, queries, workdir, concurrencies)
+        http_match = bench_http(bootstrap, faces, queries, workdir, concurrencies)
+    by_concurrency = {}
+    for c in concurrencies:
+        rt, full = round_trip[c], http_match[c]
+        by_concurrency[str(c)] = {"broker_round_trip": rt, "http_match": full,
+                                  "ratio_p50_http_vs_round_trip": full["p50_ms"] / rt["p50_ms"],
+                                  "ratio_p99_http_vs_round_trip": full["p99_ms"] / rt["p99_ms"],
+                                  "ratio_req_per_s_http_vs_round_trip": full["req_per_s"] / rt["req_per_s"]}
+    first = by_concurrency[str(concurrencies[0])]
+    return {"faces": faces, "queries": queries, "dim": dim, "faiss_search": faiss_search,
+            "broker_round_trip": first["broker_round_trip"], "http_match": first["http_match"],
+            "ratio_p50_http_vs_round_trip": first["ratio_p50_http_vs_round_trip"],
+            "ratio_p99_http_vs_round_trip": first["ratio_p99_http_vs_round_trip"],
+            "target_p50_ratio": 1.5, "concurrency": by_concurrency}
+
+
+def print_table(run: dict[str, object]) -> None:
+    faiss_search = run["faiss_search"]
+    assert isinstance(faiss_search, dict)
+    print(f"dim {run['dim']}, {run['faces']} faces: bare FAISS search p50 {faiss_search['p50_ms']:.2f} ms "
+          f"p99 {faiss_search['p99_ms']:.2f} ms")
+    print(f"{'clients':>7} {'path':<18} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}   {'x p50':>6} {'x p99':>6} "
+          f"{'x req/s':>7}")
+    by_concurrency = run["concurrency"]
+    assert isinstance(by_concurrency, dict)
+    for c, r in by_concurrency.items():
+        for name in ("broker_round_trip", "http_match"):
+            m = r[name]
+            ratios = (f"{r['ratio_p50_http_vs_round_trip']:6.2f} {r['ratio_p99_http_vs_round_trip']:6.2f} "
+                      f"{r['ratio_req_per_s_http_vs_round_trip']:7.2f}" if name == "http_match" else
+                      f"{'1.00':>6} {'1.00':>6} {'1.00':>7}")
+            print(f"{c:>7} {name:<18} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['req_per_s']:8.0f}   {ratios}")
+    print("(ratios: http_match / broker_round_trip at the same concurrency, same run; target p50 x <= 1.5)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--faces", type=int, default=10_000)
-    parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--dim", type=int, default=512, help="512 = ArcFace (buffalo_l), 128 = SFace (default model)")
+    parser.add_argument("--faces", type=int, default=int(os.environ.get("BENCH_FACES", 10_000)))
+    parser.add_argument("--queries", type=int, default=int(os.environ.get("BENCH_QUERIES", 500)),
+                        help="per concurrency level (x concurrency/4 above 4 clients)")
+    parser.add_argument("--dims", default=os.environ.get("BENCH_DIMS", "512,128"),
+                        help="512 = ArcFace (buffalo_l), 128 = SFace (default model)")
+    parser.add_argument("--dim", type=int, help="one embedding size (overrides --dims)")
+    parser.add_argument("--concurrency", default=os.environ.get("BENCH_CONCURRENCY", "1,32"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "match_latency.json")
     parser.add_argument("--echo", nargs=3, metavar=("BOOTSTRAP", "REQUESTS", "REPLIES"))
     args = parser.parse_args()
     if args.echo:
         echo_main(*args.echo)
         return 0
-    global DIM
-    DIM = args.dim
+    dims = [args.dim] if args.dim else _ints(args.dims)
+    concurrencies = _ints(args.concurrency)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker = None if bootstrap else start_broker()
     bootstrap = bootstrap or broker.bootstrap  # type: ignore[union-attr]
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            workdir = Path(tmp)
-            results = {"faces": args.faces, "queries": args.queries, "dim": DIM,
-                       "faiss_search": bench_faiss(args.faces, args.queries),
-                       "broker_round_trip": bench_round_trip(bootstrap, args.queries, workdir),
-                       "http_match": bench_http(bootstrap, args.faces, args.queries, workdir)}
+        runs = [run_dim(bootstrap, dim, args.faces, args.queries, concurrencies) for dim in dims]
     finally:
         if broker:
             broker.stop()
-    rt, full = results["broker_round_trip"], results["http_match"]
-    results["ratio_p50_http_vs_round_trip"] = full["p50_ms"] / rt["p50_ms"]
-    results["ratio_p99_http_vs_round_trip"] = full["p99_ms"] / rt["p99_ms"]
-    results["target_p50_ratio"] = 1.5
-    for name in ("faiss_search", "broker_round_trip", "http_match"):
-        r = results[name]
-        print(f"{name:<18} p50 {r['p50_ms']:7.2f} ms   p99 {r['p99_ms']:7.2f} ms   (n={r['n']})")
-    print(f"http/round-trip    p50 x{results['ratio_p50_http_vs_round_trip']:.2f} "
-          f"(target <= 1.5)   p99 x{results['ratio_p99_http_vs_round_trip']:.2f}")
+    for run in runs:
+        print_table(run)
+    results = {**runs[0], "runs": runs, "load_average": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -1,7 +1,9 @@
 """The embedder's pure core: photo events in, face records out.
 
-No Kafka here. Images are fetched concurrently (I/O bound), decoded, then all
-images of a batch go through the model in one call so a GPU stays busy.
+No Kafka here. Images are fetched concurrently (I/O bound) and decoded; the
+model starts on the first `model_chunk` decoded images while the rest of the
+batch is still downloading, so fetching overlaps inference (a chunk is also
+one model call, which keeps a GPU busy).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +61,9 @@ class EmbedderCore:
 
     def __init__(self, spec: ModelSpec, model: FaceModel | None,
                  fetch: Callable[[str], bytes] | None, decode: Decoder | None,
-                 fetch_workers: int = 8) -> None:
+                 fetch_workers: int = 8, model_chunk: int = 8) -> None:
         self.spec, self.model, self.fetch, self.decode = spec, model, fetch, decode
+        self.model_chunk = max(1, model_chunk)
         self._pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self.last_fetch_s = self.last_model_s = 0.0  # timings of the latest batch, for metrics
 
@@ -112,24 +115,41 @@ class EmbedderCore:
         if self.model is None:  # _without_model() refuses these events first
             raise RuntimeError("no face model to embed images with")
         started = time.perf_counter()
-        decoded = list(self._pool.map(self._fetch_and_decode, events))
-        self.last_fetch_s = time.perf_counter() - started
-        results: list[Result] = [d if isinstance(d, BaseException) else _PENDING for d in decoded]
-        ok = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
-        if not ok:
-            return results
-        images = [decoded[i] for i in ok]
+        self.last_model_s = 0.0
+        futures = [self._pool.submit(self._fetch_and_decode, event) for event in events]
+        position = {future: i for i, future in enumerate(futures)}
+        results: list[Result] = [_PENDING] * len(events)
+        decoded: dict[int, DecodedImage] = {}
+        waiting: set[Future[DecodedImage | BaseException]] = set(futures)
+        while waiting:
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            for future in done:
+                outcome = future.result()  # _fetch_and_decode returns its errors
+                if isinstance(outcome, BaseException):
+                    results[position[future]] = outcome
+                else:
+                    decoded[position[future]] = outcome
+            if not waiting:
+                self.last_fetch_s = time.perf_counter() - started
+            # The model runs on the decoded images while the other downloads go on.
+            if len(decoded) >= self.model_chunk or (decoded and not waiting):
+                self._run_model(events, decoded, results)
+                decoded = {}
+        return results
+
+    def _run_model(self, events: list[PhotoEvent], decoded: dict[int, DecodedImage], results: list[Result]) -> None:
+        """One model call over the decoded images; their results land at their events' positions."""
+        order = sorted(decoded)
         spec = self.active_spec
         started = time.perf_counter()
-        all_faces = self.model.detect_and_embed([img.bgr for img in images])  # type: ignore[union-attr]
-        self.last_model_s = time.perf_counter() - started
-        for i, image, faces in zip(ok, images, all_faces, strict=True):
-            event = events[i]
+        all_faces = self.model.detect_and_embed([decoded[i].bgr for i in order])  # type: ignore[union-attr]
+        self.last_model_s += time.perf_counter() - started
+        for i, faces in zip(order, all_faces, strict=True):
+            event, scale = events[i], decoded[i].scale
             results[i] = PhotoFaces(
                 event_id=event.event_id, photo_id=event.photo_id, model_id=spec.model_id,
                 dim=spec.dim, image_url=event.image_url, occurred_at=event.occurred_at,
-                faces=[_to_original(f, image.scale) for f in faces])  # type: ignore[union-attr]
-        return results
+                faces=[_to_original(f, scale) for f in faces])
 
     def _fetch_and_decode(self, event: PhotoEvent) -> DecodedImage | BaseException:
         try:

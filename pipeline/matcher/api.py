@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import orjson
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
@@ -69,10 +71,38 @@ def _key(x_api_key: str | None, authorization: str | None) -> str | None:
     return None
 
 
+class _OrjsonRequest(Request):
+    """A Request whose JSON body is parsed by orjson (a 512-float embedding: ~30 us instead of ~350 us)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                # NaN/Infinity literals and huge integers: the stdlib accepts them (validation then
+                # refuses them with its usual message), or raises the same JSONDecodeError as before.
+                self._json = json.loads(body)
+        return self._json
+
+
+class _OrjsonRoute(APIRoute):
+    """Routes hand FastAPI an _OrjsonRequest: same validation and errors, faster JSON bodies."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def orjson_handler(request: Request) -> Response:
+            return await handler(_OrjsonRequest(request.scope, request.receive))
+
+        return orjson_handler
+
+
 def create_app(services: BridgeServices) -> FastAPI:
     """Build the FastAPI app around ready services."""
     app = FastAPI(title="FaceMatch bridge", version="2.0",
                   description="Find a guest's photos: ingest photos, match a face, analyze a selfie.")
+    app.router.route_class = _OrjsonRoute  # before any route is added
     _install_error_handlers(app, services)
     app.add_middleware(BodyLimitMiddleware, max_bytes=services.settings.bridge_max_image_bytes + 256 * 1024)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)
@@ -186,11 +216,13 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _check_vector(field: str, values: list[float], dim: int) -> np.ndarray:
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused below
+        vector = np.asarray(values, dtype=np.float32)  # converted once; checking the array is cheap
     try:
-        normalize_embedding(values, dim, field)
+        normalize_embedding(vector, dim, field)
     except InvalidEmbedding as exc:
         raise ApiError(422, str(exc), embedding_dim=dim) from exc
-    return np.asarray(values, dtype=np.float32)
+    return vector
 
 
 async def _faces(services: BridgeServices, image: UploadFile) -> list[DetectedFace]:
