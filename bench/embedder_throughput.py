@@ -99,10 +99,10 @@ def stage(bootstrap: str, model_root: Path, names: list[str], photo_base: str, w
     try:
         # Warm-up: one photo through, so model load and the group join are not timed.
         publish(names[:1], "warm")
-        _collect(consumer, serde, 1)
+        collect_faces(consumer, serde, 1)
         started = time.monotonic()
         publish(names, "run")
-        faces = _collect(consumer, serde, len(names))
+        faces = collect_faces(consumer, serde, len(names))
         elapsed = time.monotonic() - started
     finally:
         proc.stop()
@@ -110,7 +110,7 @@ def stage(bootstrap: str, model_root: Path, names: list[str], photo_base: str, w
     return {"faces": faces, "photos": len(names), "seconds": elapsed, "faces_per_s": faces / elapsed}
 
 
-def _collect(consumer: Consumer, serde: SchemaRegistry, records: int, timeout_s: float = 600) -> int:
+def collect_faces(consumer: Consumer, serde: SchemaRegistry, records: int, timeout_s: float = 600) -> int:
     """Read `records` faces records; returns how many faces they hold."""
     seen = faces = 0
     deadline = time.monotonic() + timeout_s

@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.embedder_throughput import serve  # noqa: E402
+from bench.embedder_throughput import collect_faces, serve  # noqa: E402
 from bench.ingest_rate import _expected, _wait_200, event_ids, pipeline_stack, vectors, wait_searchable  # noqa: E402
 from pipeline.assets import fetch_sample_photos, fetch_sface_models  # noqa: E402
 from pipeline.devbroker import free_port, start_broker  # noqa: E402
@@ -113,10 +113,10 @@ def embedders_run(bootstrap: str, workdir: Path, processes: int, model_root: Pat
         for port in ports:  # still ready after the last join's rebalance
             _wait_200(f"http://127.0.0.1:{port}/readyz", 120)
         publish(names[:topics.partitions], "warm")  # one photo per partition: every member's model warm
-        _collect(consumer, serde, topics.partitions)
+        collect_faces(consumer, serde, topics.partitions)
         started = time.monotonic()
         publish(names, "run")
-        faces = _collect(consumer, serde, len(names))
+        faces = collect_faces(consumer, serde, len(names))
         elapsed = time.monotonic() - started
     finally:
         for proc in procs:
@@ -124,20 +124,6 @@ def embedders_run(bootstrap: str, workdir: Path, processes: int, model_root: Pat
         consumer.close()
     return {"processes": processes, "photos": len(names), "faces": faces, "seconds": elapsed,
             "faces_per_s": faces / elapsed}
-
-
-def _collect(consumer: Consumer, serde: SchemaRegistry, records: int, timeout_s: float = 600) -> int:
-    seen = faces = 0
-    deadline = time.monotonic() + timeout_s
-    while seen < records:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {seen} of {records} faces records arrived")
-        msg = consumer.poll(1)
-        if msg is None or msg.error():
-            continue
-        seen += 1
-        faces += len(serde.decode(PHOTO_FACES, msg.value())["faces"])
-    return faces
 
 
 def main() -> int:

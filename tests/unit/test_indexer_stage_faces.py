@@ -17,26 +17,10 @@ from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegist
 from pipeline.settings import IndexerSettings, TopicSettings
 from pipeline.stage_api import Incoming
 from pipeline.topics import partition_for
+from tests.unit.indexer_fakes import CaughtUp
 
 DIM = 16
 PARTITIONS = 3
-
-
-class Control:
-    """Caught up at once: the high watermark is whatever was applied."""
-
-    def __init__(self, stage: IndexerStage) -> None:
-        self.stage = stage
-
-    def pause(self, topic: str, partition: int) -> None:
-        pass
-
-    def resume(self, topic: str, partition: int) -> None:
-        pass
-
-    def high_watermark(self, topic: str, partition: int) -> int:
-        state = self.stage.core.partitions.get(partition)
-        return state.next_offset if state else 0
 
 
 @pytest.fixture
@@ -88,15 +72,15 @@ def test_no_snapshot_covers_a_delete_until_its_tombstones_are_on_the_topic(
     partition = partition_for("EV", PARTITIONS)
     path = snapshot_path(stage.settings.state_dir, "u.faces", partition)
     stage.handle([upload(serde, 0, "EV", "p0", 0)])
-    stage.after_batch(Control(stage))
+    stage.after_batch(CaughtUp(stage))
     assert path.exists()  # snapshot at offset 1
     before = path.read_bytes()
     stage.handle([faces_record(serde, 1, "EV", None, PhotoFaces("EV", "", "m", DIM, op="DELETE_EVENT"))])
-    stage.after_batch(Control(stage))
+    stage.after_batch(CaughtUp(stage))
     stage.close()  # e.g. delivery failed and the runner is shutting down
     assert path.read_bytes() == before  # replay from offset 1 will emit the tombstone again
     stage.handle([faces_record(serde, 2, "EV", "p0", None)])  # the tombstone, read back
-    stage.after_batch(Control(stage))
+    stage.after_batch(CaughtUp(stage))
     assert path.read_bytes() != before
 
 
@@ -113,7 +97,7 @@ def test_snapshots_never_hold_the_selfie_embedding(stage: IndexerStage, serde: S
     assert isinstance(outcome, list)
     reply = MatchReply.from_avro(serde.decode(MATCH_REPLY, outcome[0].value))
     assert reply.status == "OK" and len(reply.matches) == 3
-    stage.after_batch(Control(stage))
+    stage.after_batch(CaughtUp(stage))
     stage.close()
     files = [p for p in stage.settings.state_dir.rglob("*") if p.is_file()]
     assert files, "the indexer wrote no snapshot"

@@ -18,6 +18,7 @@ from pipeline.serde import MATCH_REPLY, PHOTO_FACES, SCHEMA_DIR, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
 from pipeline.stage_api import Incoming
 from pipeline.topics import partition_for
+from tests.unit.indexer_fakes import CaughtUp
 
 DIM = 8
 PARTITIONS = 3
@@ -101,23 +102,6 @@ def test_iso_utc() -> None:
 
 
 # -- the stage: time to searchable, readiness ---------------------------------------------
-
-class CaughtUp:
-    """A consumer whose high watermark is whatever the stage has applied."""
-
-    def __init__(self, stage: IndexerStage) -> None:
-        self.stage = stage
-
-    def pause(self, topic: str, partition: int) -> None:
-        pass
-
-    def resume(self, topic: str, partition: int) -> None:
-        pass
-
-    def high_watermark(self, topic: str, partition: int) -> int:
-        state = self.stage.core.partitions.get(partition)
-        return state.next_offset if state else 0
-
 
 @pytest.fixture
 def stage(tmp_path: Path, serde: SchemaRegistry) -> IndexerStage:
