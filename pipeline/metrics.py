@@ -45,6 +45,7 @@ class Metrics:
     assigned_partitions: Gauge
     rebalances: Counter
     faces_embedded: Counter
+    faces_rejected: Counter
     fetch_seconds: Histogram
     embed_seconds: Histogram
     index_faces: Gauge
@@ -56,6 +57,8 @@ class Metrics:
     http_seconds: Histogram
     published: Counter
     time_to_searchable: Histogram
+    notifications: Counter
+    time_to_notified: Histogram
     # Held while lag series change and while a scrape reads them, so every scrape's
     # lag sum equals the sum of the partition series it shows.
     lag_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -155,6 +158,9 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
                            ["stage", "event"], registry=reg),
         faces_embedded=Counter("facematch_faces_embedded_total", "Faces detected and embedded",
                                registry=reg),
+        faces_rejected=Counter("facematch_faces_rejected_total",
+                               "Detected faces the quality gate kept out of the index "
+                               "(reason: too_small, low_score, too_blurred)", ["reason"], registry=reg),
         fetch_seconds=Histogram("facematch_image_fetch_seconds", "Image download time",
                                 buckets=LATENCY_BUCKETS, registry=reg),
         embed_seconds=Histogram("facematch_embed_batch_seconds", "Model time per batch",
@@ -177,6 +183,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "facematch_time_to_searchable_seconds",
             "From a photo event's occurred_at to its faces applied in an index (live records only, "
             "not those replayed after an assignment)", buckets=SEARCHABLE_BUCKETS, registry=reg),
+        notifications=Counter("facematch_notifications_total",
+                              "Match notifications to enrolled guests, by how (photo: a new photo matched; "
+                              "enrol: already indexed at enrolment; withdrawn: tombstoned)", ["kind"], registry=reg),
+        time_to_notified=Histogram(
+            "facematch_time_to_notified_seconds",
+            "From a photo event's occurred_at to its match notification produced (live photos only)",
+            buckets=SEARCHABLE_BUCKETS, registry=reg),
     )
     reg.register(LagCollector(metrics.consumer_lag, metrics.lag_lock))
     return metrics

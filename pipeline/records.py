@@ -178,19 +178,23 @@ class MatchRequest:
     top_k: int = 20
     threshold: float | None = None
     deadline_ms: int = 0
+    guest_id: str | None = None  # match with this enrolled guest's selfies (embedding empty)
+    model_id: str | None = None  # the embedding's model; None: the indexer's own
 
     def to_avro(self) -> dict[str, Any]:
         """The dict fastavro writes."""
         return {"request_id": self.request_id, "event_id": self.event_id,
                 "embedding": vector_to_bytes(self.embedding), "top_k": self.top_k,
-                "threshold": self.threshold, "deadline_ms": self.deadline_ms}
+                "threshold": self.threshold, "deadline_ms": self.deadline_ms,
+                "guest_id": self.guest_id, "model_id": self.model_id}
 
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> MatchRequest:
         """From the dict fastavro reads."""
         return cls(request_id=data["request_id"], event_id=data["event_id"],
                    embedding=bytes_to_vector(data["embedding"]), top_k=data["top_k"],
-                   threshold=data.get("threshold"), deadline_ms=data.get("deadline_ms", 0))
+                   threshold=data.get("threshold"), deadline_ms=data.get("deadline_ms", 0),
+                   guest_id=data.get("guest_id"), model_id=data.get("model_id"))
 
 
 @dataclass(frozen=True)

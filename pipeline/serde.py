@@ -29,6 +29,8 @@ PHOTO_FACES = "io.facematch.v1.PhotoFaces"
 MATCH_REQUEST = "io.facematch.v1.MatchRequest"
 MATCH_REPLY = "io.facematch.v1.MatchReply"
 DEAD_LETTER = "io.facematch.v1.DeadLetter"
+GUEST = "io.facematch.v1.Guest"
+MATCH_NOTIFICATION = "io.facematch.v1.MatchNotification"
 
 
 def schema_fingerprint(parsed: dict[str, Any]) -> bytes:

@@ -87,6 +87,16 @@ class TopicSettings(BaseSettings):
         """Dead letters of every stage."""
         return f"{self.prefix}dlq"
 
+    @property
+    def guests(self) -> str:
+        """Compacted: enrolled guests and exclusions, co-partitioned with faces."""
+        return f"{self.prefix}guests"
+
+    @property
+    def notifications(self) -> str:
+        """Compacted: one record per guest and matching photo, co-partitioned with faces."""
+        return f"{self.prefix}match-notifications"
+
 
 class ModelSettings(BaseSettings):
     """Which face model pack (FACEMATCH_MODEL, FACEMATCH_MODEL_ROOT...)."""
@@ -136,6 +146,19 @@ class EmbedderSettings(BaseSettings):
     fetch_max_pixels: int = 40_000_000
 
 
+class QualitySettings(BaseSettings):
+    """The face quality gate of the embedder and the bridge's selfies (FACEMATCH_QUALITY_*); 0 disables a check.
+
+    Defaults measured on the real test photos with YuNet + SFace: docs/quality.md.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FACEMATCH_QUALITY_", frozen=True)
+
+    min_face_px: float = Field(default=40.0, ge=0)  # shorter side of the face box, original-image pixels
+    min_det_score: float = Field(default=0.0, ge=0, le=1)  # 0: the pack's detector threshold alone decides
+    min_sharpness: float = Field(default=10.0, ge=0)  # variance of the Laplacian of the 112 px aligned crop
+
+
 class IndexerSettings(BaseSettings):
     """The indexer + match service (FACEMATCH_INDEXER_*)."""
 
@@ -150,7 +173,7 @@ class IndexerSettings(BaseSettings):
     # An event's exact index becomes IVF-SQ8 above this many faces (0: never); see pipeline/indexer/promotion.py.
     index_promote_at: int = 100_000
     index_nprobe: int = 64  # inverted lists scanned per query, at least
-    index_probe_fraction: float = 0.1  # ...and at least this share of them (recall as events grow)
+    index_probe_fraction: float = 0.15  # ...and at least this share of them (recall as events grow)
     index_regrow_factor: float = 4.0  # retrain once an event has grown this many times past its last build
     index_build_threads: int = 1  # OpenMP threads of the background build; the other core keeps answering
 
@@ -173,3 +196,7 @@ class BridgeSettings(BaseSettings):
     bridge_publish_timeout_s: float = 5.0  # broker unreachable this long: 503 + Retry-After
     bridge_max_image_bytes: int = 10 * 1024 * 1024
     api_keys: str = ""  # "sha256:<hex>:role:event,event;..." (`facematch keys hash`); empty disables auth
+    # Signs guest tokens (pipeline/matcher/guest_tokens.py); every bridge process needs the same one.
+    # Unset: a random secret per process, so tokens work only where they were issued (development).
+    guest_token_secret: SecretStr | None = None
+    guest_token_ttl_s: int = Field(default=30 * 86_400, ge=60)

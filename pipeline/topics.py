@@ -103,6 +103,10 @@ def topic_specs(topics: TopicSettings) -> list[TopicSpec]:
         # The faces topic is the indexes' changelog: compaction keeps the latest
         # faces of each photo and tombstones erase photos, so replay rebuilds state.
         TopicSpec(topics.faces, topics.partitions, compacted),
+        # Guests' selfies and exclusions, and what was pushed to them: compacted like faces,
+        # so a removal's tombstone erases them within the same bounds (docs/retention.md).
+        TopicSpec(topics.guests, topics.partitions, compacted),
+        TopicSpec(topics.notifications, topics.partitions, compacted),
         TopicSpec(topics.match_requests, topics.partitions, short),
         TopicSpec(topics.match_replies, topics.reply_partitions, short),
         TopicSpec(topics.dlq, topics.dlq_partitions,
@@ -129,7 +133,8 @@ def create_topics(kafka: KafkaSettings, topics: TopicSettings, timeout_s: float 
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
             outcome[name] = "exists"
-    check_copartitioned(admin, topics.faces, topics.match_requests)
+    for topic in (topics.match_requests, topics.guests, topics.notifications):
+        check_copartitioned(admin, topics.faces, topic)
     return outcome
 
 

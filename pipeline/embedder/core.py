@@ -20,6 +20,7 @@ from pipeline.errors import PoisonRecord
 from pipeline.facelib.geometry import to_original
 from pipeline.facelib.images import DecodedImage
 from pipeline.facelib.model import DetectedFace, FaceModel
+from pipeline.facelib.quality import NO_GATE, QualityGate
 from pipeline.facelib.spec import ModelSpec
 from pipeline.facelib.vectors import normalize_embedding
 from pipeline.records import Face, PhotoEvent, PhotoFaces, PrecomputedFace, check_id
@@ -61,11 +62,14 @@ class EmbedderCore:
 
     def __init__(self, spec: ModelSpec, model: FaceModel | None,
                  fetch: Callable[[str], bytes] | None, decode: Decoder | None,
-                 fetch_workers: int = 8, model_chunk: int = 8) -> None:
+                 fetch_workers: int = 8, model_chunk: int = 8, gate: QualityGate = NO_GATE) -> None:
         self.spec, self.model, self.fetch, self.decode = spec, model, fetch, decode
         self.model_chunk = max(1, model_chunk)
+        # Applies to faces this core detects; precomputed faces come without pixels to measure.
+        self.gate = gate
         self._pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self.last_fetch_s = self.last_model_s = 0.0  # timings of the latest batch, for metrics
+        self.last_rejected: dict[str, int] = {}  # faces the gate dropped in the latest batch, by reason
 
     @property
     def active_spec(self) -> ModelSpec:
@@ -80,6 +84,7 @@ class EmbedderCore:
         """One result per event, in order; failures are returned, not raised."""
         results: list[Result | None] = [None] * len(events)
         to_embed: list[int] = []
+        self.last_rejected = {}
         for i, event in enumerate(events):
             try:
                 results[i] = self._without_model(event)
@@ -145,11 +150,19 @@ class EmbedderCore:
         all_faces = self.model.detect_and_embed([decoded[i].bgr for i in order])  # type: ignore[union-attr]
         self.last_model_s += time.perf_counter() - started
         for i, faces in zip(order, all_faces, strict=True):
-            event, scale = events[i], decoded[i].scale
+            event = events[i]
             results[i] = PhotoFaces(
                 event_id=event.event_id, photo_id=event.photo_id, model_id=spec.model_id,
                 dim=spec.dim, image_url=event.image_url, occurred_at=event.occurred_at,
-                faces=[_to_original(f, scale) for f in faces])
+                faces=self._passing(event, [to_original(f, decoded[i].scale) for f in faces]))
+
+    def _passing(self, event: PhotoEvent, faces: list[DetectedFace]) -> list[Face]:
+        """The faces (in original pixels) that pass the gate, as records; the others are counted."""
+        kept, rejected = self.gate.split(faces)
+        for rejection in rejected:
+            self.last_rejected[rejection.reason] = self.last_rejected.get(rejection.reason, 0) + 1
+            logger.debug("photo %s/%s: face dropped: %s", event.event_id, event.photo_id, rejection.message)
+        return [_to_record(f) for f in kept]
 
     def _fetch_and_decode(self, event: PhotoEvent) -> DecodedImage | BaseException:
         try:
@@ -163,11 +176,10 @@ class EmbedderCore:
 _PENDING = RuntimeError("not embedded")  # placeholder; every decoded slot is overwritten below
 
 
-def _to_original(face: DetectedFace, scale: float) -> Face:
-    """A faces-record face in the original photo's pixels (detection ran downscaled)."""
-    mapped = to_original(face, scale)
-    return Face(bbox=mapped.bbox, det_score=mapped.det_score, landmarks=mapped.landmarks,
-                embedding=np.asarray(mapped.embedding, dtype=np.float32))
+def _to_record(face: DetectedFace) -> Face:
+    """A faces-record face from one already mapped to the original photo's pixels."""
+    return Face(bbox=face.bbox, det_score=face.det_score, landmarks=face.landmarks,
+                embedding=np.asarray(face.embedding, dtype=np.float32))
 
 
 def _all_filled(results: Sequence[Result | None]) -> list[Result]:

@@ -15,18 +15,28 @@ from pipeline.logs import setup_logging
 from pipeline.metrics import create_metrics, serve_metrics
 from pipeline.runner import Runner
 from pipeline.serde import SchemaRegistry
-from pipeline.settings import EmbedderSettings, KafkaSettings, LogSettings, ModelSettings, RunnerSettings, TopicSettings
+from pipeline.settings import (
+    EmbedderSettings,
+    KafkaSettings,
+    LogSettings,
+    ModelSettings,
+    QualitySettings,
+    RunnerSettings,
+    TopicSettings,
+)
 from pipeline.summary import start_summaries
 from pipeline.topics import partition_count
 
 logger = logging.getLogger(__name__)
 
 
-def build_core(model_settings: ModelSettings, embedder: EmbedderSettings) -> EmbedderCore:
-    """Load the model (or refuse with the fix) and the safe fetcher."""
+def build_core(model_settings: ModelSettings, embedder: EmbedderSettings,
+               quality: QualitySettings | None = None) -> EmbedderCore:
+    """Load the model (or refuse with the fix) and the safe fetcher; no quality settings: no gate."""
     from pipeline.embedder.fetch import FetchPolicy, ImageFetcher, parse_allow_list
     from pipeline.facelib.images import DecodePolicy, decode_image
     from pipeline.facelib.packs import load_model
+    from pipeline.facelib.quality import NO_GATE, QualityGate
     from pipeline.facelib.spec import spec_for
 
     spec = spec_for(model_settings.model, model_settings.embedding_dim)
@@ -47,7 +57,9 @@ def build_core(model_settings: ModelSettings, embedder: EmbedderSettings) -> Emb
         return bytes(fetchers.fetcher.fetch(url))
 
     policy = DecodePolicy(max_pixels=embedder.fetch_max_pixels, max_side=embedder.embedder_max_side)
-    return EmbedderCore(spec, model, fetch, lambda data: decode_image(data, policy))
+    gate = QualityGate.from_settings(quality) if quality is not None else NO_GATE
+    logger.info("quality gate: %s", gate)
+    return EmbedderCore(spec, model, fetch, lambda data: decode_image(data, policy), gate=gate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     embedder = EmbedderSettings()
     from pipeline.facelib.model import ModelUnavailable
     try:
-        core = build_core(ModelSettings(), embedder)
+        core = build_core(ModelSettings(), embedder, QualitySettings())
     except ModelUnavailable as exc:
         logger.error("embedder cannot start: %s", exc)
         return 2

@@ -39,6 +39,8 @@ class EmbedderStage(BaseStage):
                 outcomes[i] = exc
         self.core.last_fetch_s = self.core.last_model_s = 0.0
         results = self.core.process(events)
+        for reason, count in self.core.last_rejected.items():
+            self.metrics.faces_rejected.labels(reason).inc(count)
         if self.core.last_model_s:
             self.metrics.fetch_seconds.observe(self.core.last_fetch_s)
             self.metrics.embed_seconds.observe(self.core.last_model_s)

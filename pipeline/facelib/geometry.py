@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pipeline.facelib.model import DetectedFace
 
@@ -54,5 +55,6 @@ def map_landmarks_to_original(landmarks: Sequence[float] | None, scale: float) -
 
 def to_original(face: DetectedFace, scale: float) -> DetectedFace:
     """The face in the original photo's pixels (detection ran on a downscaled copy)."""
-    return DetectedFace(bbox=map_box_to_original(face.bbox, scale), det_score=float(face.det_score),
-                        landmarks=map_landmarks_to_original(face.landmarks, scale), embedding=face.embedding)
+    # Sharpness is measured on the normalised crop, so it does not change with the scale.
+    return replace(face, bbox=map_box_to_original(face.bbox, scale), det_score=float(face.det_score),
+                   landmarks=map_landmarks_to_original(face.landmarks, scale))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.facelib.model import DetectedFace, ModelUnavailable, preferred_providers
+from pipeline.facelib.quality import crop_sharpness
 from pipeline.facelib.spec import INSIGHTFACE_LICENSE as LICENSE
 from pipeline.facelib.spec import insightface_spec
 from pipeline.facelib.vectors import l2_normalize, split_per_image
@@ -113,9 +114,12 @@ class InsightFacePack:
                 for kps in kpss
             ]
             embeddings = self._embed(rec, crops)
-        per_image = split_per_image([len(boxes) for boxes, _ in detections], embeddings)
-        return [[_to_face(boxes[i], kpss[i], image_embeddings[i]) for i in range(len(boxes))]
-                for (boxes, kpss), image_embeddings in zip(detections, per_image, strict=True)]
+        counts = [len(boxes) for boxes, _ in detections]
+        per_image = split_per_image(counts, embeddings)
+        per_image_sharpness = split_per_image(counts, np.array([crop_sharpness(c) for c in crops], np.float32))
+        return [[_to_face(boxes[i], kpss[i], image_embeddings[i], float(sharpness[i])) for i in range(len(boxes))]
+                for (boxes, kpss), image_embeddings, sharpness
+                in zip(detections, per_image, per_image_sharpness, strict=True)]
 
     def _embed(self, rec: Any, crops: list[np.ndarray]) -> np.ndarray:
         if not crops:
@@ -162,11 +166,12 @@ def _output_dim(rec: Any) -> int:
     return int(np.asarray(rec.get_feat(probe)).reshape(-1).shape[0])
 
 
-def _to_face(box: np.ndarray, kps: np.ndarray, embedding: np.ndarray) -> DetectedFace:
+def _to_face(box: np.ndarray, kps: np.ndarray, embedding: np.ndarray, sharpness: float) -> DetectedFace:
     x1, y1, x2, y2, score = (float(v) for v in box[:5])
     return DetectedFace(
         bbox=(x1, y1, x2 - x1, y2 - y1),
         det_score=score,
         landmarks=tuple(float(v) for v in np.asarray(kps).reshape(-1)),
         embedding=embedding,
+        sharpness=sharpness,
     )

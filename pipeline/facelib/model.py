@@ -23,6 +23,8 @@ class DetectedFace:
     det_score: float
     landmarks: tuple[float, ...] | None  # 5 points flattened: x0, y0, ..., x4, y4
     embedding: np.ndarray  # float32, shape (dim,), L2-normalized
+    # Variance of the Laplacian of the aligned crop (pipeline/facelib/quality.py); None: not measured.
+    sharpness: float | None = None
 
 
 class FaceModel(Protocol):

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from pipeline.facelib.model import DetectedFace, ModelUnavailable, preferred_providers
+from pipeline.facelib.quality import crop_sharpness
 from pipeline.facelib.spec import SFACE_FILE, SFACE_SPEC, SFACE_SUBDIR, YUNET_FILE, ModelSpec
 from pipeline.facelib.vectors import l2_normalize, split_per_image
 
@@ -209,9 +210,13 @@ class SFaceModel:
             for image, rows in zip(images, rows_per_image, strict=True)
             for row in rows
         ]
-        per_image = split_per_image([len(rows) for rows in rows_per_image], self.embed_aligned(crops))
-        return [[_to_face(row, embedding) for row, embedding in zip(rows, embeddings, strict=True)]
-                for rows, embeddings in zip(rows_per_image, per_image, strict=True)]
+        counts = [len(rows) for rows in rows_per_image]
+        per_image = split_per_image(counts, self.embed_aligned(crops))
+        # Sharpness of the very crop the recognizer embeds: tens of microseconds a face.
+        per_image_sharpness = split_per_image(counts, np.array([crop_sharpness(c) for c in crops], np.float32))
+        return [[_to_face(row, embedding, float(sharp))
+                 for row, embedding, sharp in zip(rows, embeddings, sharpness, strict=True)]
+                for rows, embeddings, sharpness in zip(rows_per_image, per_image, per_image_sharpness, strict=True)]
 
     def _loaded(self) -> _Loaded:
         """The loaded parts, loading them first if needed (load() raises ModelUnavailable)."""
@@ -221,13 +226,14 @@ class SFaceModel:
         return _Loaded(self._detector, self._aligner, self._embedder)
 
 
-def _to_face(row: np.ndarray, embedding: np.ndarray) -> DetectedFace:
+def _to_face(row: np.ndarray, embedding: np.ndarray, sharpness: float) -> DetectedFace:
     x, y, w, h = (float(v) for v in row[:4])
     return DetectedFace(
         bbox=(x, y, w, h),
         det_score=float(row[14]),
         landmarks=tuple(float(v) for v in row[4:14]),
         embedding=embedding,
+        sharpness=sharpness,
     )
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from pipeline.errors import PoisonRecord
 from pipeline.facelib.vectors import InvalidEmbedding, normalize_embedding
+from pipeline.guest_records import GUEST_NOT_ENROLLED, MAX_SELFIES, MODEL_MISMATCH, GuestRecord, MatchNotification
 from pipeline.indexer.event_index import EventIndex
+from pipeline.indexer.guests import EventGuests, Template, normalized_rows, search_with_set
 from pipeline.indexer.promotion import IndexOptions
 from pipeline.indexer.state import PartitionState, photo_key
-from pipeline.records import MatchReply, MatchRequest, PhotoFaces
+from pipeline.records import MatchReply, MatchRequest, PhotoFaces, PhotoMatch
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,22 @@ class IndexerConfig:
     index: IndexOptions = IndexOptions()  # when an event moves to an approximate index
 
 
+@dataclass
+class Changes:
+    """What the indexer publishes after applying one record (all keyed by the record's event)."""
+
+    erased_photos: list[str] = field(default_factory=list)  # faces tombstones (event delete)
+    rewrites: list[PhotoFaces] = field(default_factory=list)  # photos republished without erased faces
+    notifications: list[MatchNotification] = field(default_factory=list)
+    withdrawn: list[tuple[str, str]] = field(default_factory=list)  # (guest, photo) notifications to tombstone
+    guests: list[GuestRecord] = field(default_factory=list)  # FORGET records resolved with their template
+    erased_guests: list[str] = field(default_factory=list)  # guest keys to tombstone (event delete)
+
+    def __bool__(self) -> bool:
+        return any((self.erased_photos, self.rewrites, self.notifications, self.withdrawn, self.guests,
+                    self.erased_guests))
+
+
 class IndexerCore:
     """Holds the PartitionStates this instance owns."""
 
@@ -37,13 +57,15 @@ class IndexerCore:
         self.partitions: dict[int, PartitionState] = {}
 
     def apply_faces(self, partition: int, offset: int, event_id: str, photo_id: str | None,
-                    faces: PhotoFaces | None) -> list[str]:
+                    faces: PhotoFaces | None, again: bool = False) -> Changes:
         """Apply one faces-topic record (faces=None is a tombstone: delete the photo).
 
-        Returns the photo ids an event delete removed: each needs a tombstone
-        on the faces topic, so compaction erases the photo's faces there too.
+        The changes name what to publish: a tombstone per photo an event delete
+        removed (so compaction erases its faces on the topic too), photos
+        republished without a forgotten guest's faces, and notifications to the
+        enrolled guests a new photo shows.
         """
-        return self._apply(self._state(partition), offset, event_id, photo_id, faces)
+        return self._apply(self._state(partition), offset, event_id, photo_id, faces, again)
 
     def cover(self, partition: int, offset: int) -> None:
         """Mark a faces offset as handled, applied or rejected (replay moves past it)."""
@@ -56,15 +78,24 @@ class IndexerCore:
         return self.partitions.setdefault(partition, PartitionState(partition))
 
     def _apply(self, state: PartitionState, offset: int, event_id: str, photo_id: str | None,
-               faces: PhotoFaces | None) -> list[str]:
+               faces: PhotoFaces | None, again: bool) -> Changes:
+        changes = Changes()
+        guests = state.guests.get(event_id)
         if faces is None:
             if photo_id:
                 self._delete_photo(state, offset, event_id, photo_id)
-            return []
+                if guests is not None:
+                    changes.withdrawn = [(g, photo_id) for g in guests.withdraw_photo(photo_id)]
+            return changes
         if faces.op == "DELETE_EVENT":
-            return self._delete_event(state, offset, event_id)
+            changes.erased_photos = self._delete_event(state, offset, event_id)
+            if guests is not None:  # the event's guests, their selfies and notifications go with it
+                del state.guests[event_id]
+                changes.withdrawn = [(g, p) for g, photos in sorted(guests.notified.items()) for p in sorted(photos)]
+                changes.erased_guests = sorted(set(guests.enrolled) | set(guests.excluded))
+            return changes
         if state.superseded(offset, event_id, faces.photo_id):
-            return []  # older than a delete this state has seen: never bring it back
+            return changes  # older than a delete this state has seen: never bring it back
         self._check_model(faces)
         index = state.events.get(event_id)
         if index is not None and index.model_id != faces.model_id:
@@ -72,9 +103,123 @@ class IndexerCore:
                                f"faces of {faces.model_id} cannot join it")
         if index is None:
             index = state.events[event_id] = EventIndex(self.config.dim, faces.model_id, self.config.index)
-        index.upsert(faces.photo_id, faces.faces, faces.occurred_at)
+        if guests is not None and guests.excluded and faces.faces:
+            drop = guests.excluded_rows(np.stack([f.embedding for f in faces.faces]))
+            if drop.any():  # a forgotten guest's face: never indexed, and gone from the topic too
+                faces = replace(faces, faces=[f for f, d in zip(faces.faces, drop.tolist()) if not d])
+                changes.rewrites.append(faces)
+        index.upsert(faces.photo_id, faces.faces, faces.occurred_at, faces.image_url)
         state.deleted_photos.pop(photo_key(event_id, faces.photo_id), None)
-        return []
+        if guests is not None:
+            for guest_id, match in guests.match_photo(faces.photo_id, faces.faces, again):
+                changes.notifications.append(self._notification(event_id, guest_id, match, faces.occurred_at))
+        return changes
+
+    # -- guests ------------------------------------------------------------------
+    def apply_guest(self, partition: int, event_id: str, guest_id: str, record: GuestRecord | None,
+                    again: bool = False) -> Changes:
+        """Apply one guests-topic record: enrol (push what already matches), forget, or remove (None).
+
+        `again`: handled a second time (outputs undelivered): push every match again.
+        """
+        state = self._state(partition)
+        guests = state.guests.setdefault(event_id, EventGuests())
+        changes = Changes()
+        if record is None:
+            guests.enrolled.pop(guest_id, None)
+            guests.excluded.pop(guest_id, None)
+            changes.withdrawn = [(guest_id, p) for p in guests.withdraw(guest_id)]
+        elif record.op == "ENROL":
+            selfies = self._checked_selfies(record, minimum=1)
+            guests.excluded.pop(guest_id, None)  # enrolling again is opting back in
+            guests.enrolled[guest_id] = Template(selfies, self._threshold(record.threshold))
+            for match in guests.unpushed(guest_id, state.events.get(event_id), again):
+                changes.notifications.append(self._notification(event_id, guest_id, match, 0))
+        else:
+            self._forget(state, guests, record, changes)
+        if guests.empty:
+            del state.guests[event_id]
+        return changes
+
+    def _forget(self, state: PartitionState, guests: EventGuests, record: GuestRecord, changes: Changes) -> None:
+        # The template is the FORGET's own selfies, or else the guest's enrolled ones: then the
+        # record is republished with them, so the exclusion outlives compaction of the enrolment.
+        enrolled = guests.enrolled.pop(record.guest_id, None)
+        selfies = self._checked_selfies(record, minimum=0)
+        if len(selfies) == 0 and enrolled is not None:
+            selfies = enrolled.selfies
+            changes.guests.append(replace(record, selfies=selfies, model_id=self.config.model_id,
+                                          dim=self.config.dim))
+        changes.withdrawn = [(record.guest_id, p) for p in guests.withdraw(record.guest_id)]
+        if len(selfies) == 0:
+            guests.excluded.pop(record.guest_id, None)
+            return  # nothing known of the face: nothing to keep out
+        template = Template(selfies, self._threshold(record.threshold))
+        guests.excluded[record.guest_id] = template
+        index = state.events.get(record.event_id)
+        if record.erase_faces and index is not None:
+            for photo_id, remaining in index.erase_matching(template.selfies, template.threshold).items():
+                changes.rewrites.append(PhotoFaces(event_id=record.event_id, photo_id=photo_id,
+                                                   model_id=index.model_id, dim=index.dim, faces=remaining,
+                                                   image_url=index.photo_url.get(photo_id)))
+
+    def _checked_selfies(self, record: GuestRecord, minimum: int) -> np.ndarray:
+        if record.model_id != self.config.model_id or record.dim != self.config.dim:
+            raise PoisonRecord("model_mismatch", f"guest {record.guest_id} enrolled with {record.model_id} "
+                               f"({record.dim}-d); this indexer serves {self.config.model_id} ({self.config.dim}-d)")
+        if not minimum <= len(record.selfies) <= MAX_SELFIES:
+            raise PoisonRecord("invalid_guest", f"guest {record.guest_id} has {len(record.selfies)} selfies; "
+                               f"{minimum} to {MAX_SELFIES} allowed")
+        for row in record.selfies:
+            try:
+                normalize_embedding(row, self.config.dim, "selfies")
+            except InvalidEmbedding as exc:
+                raise PoisonRecord("invalid_embedding", f"guest {record.guest_id}: {exc}") from exc
+        return normalized_rows(record.selfies, self.config.dim)
+
+    def _threshold(self, threshold: float | None) -> float:
+        return self.config.default_threshold if threshold is None else float(threshold)
+
+    def _notification(self, event_id: str, guest_id: str, match: PhotoMatch, occurred_at: int) -> MatchNotification:
+        return MatchNotification(event_id=event_id, guest_id=guest_id, photo_id=match.photo_id, score=match.score,
+                                 model_id=self.config.model_id, faces=match.faces, photo_occurred_at=occurred_at)
+
+    def restore_guest(self, partition: int, event_id: str, guest_id: str, record: GuestRecord | None) -> None:
+        """Rebuild a guest from the guests topic on assignment: nothing is pushed or erased again."""
+        guests = self._state(partition).guests.setdefault(event_id, EventGuests())
+        guests.enrolled.pop(guest_id, None)
+        if record is None:
+            guests.excluded.pop(guest_id, None)
+        elif record.op == "ENROL":
+            guests.excluded.pop(guest_id, None)
+            guests.enrolled[guest_id] = Template(self._checked_selfies(record, minimum=1),
+                                                 self._threshold(record.threshold))
+        else:
+            selfies = self._checked_selfies(record, minimum=0)
+            if len(selfies):
+                guests.excluded[guest_id] = Template(selfies, self._threshold(record.threshold))
+
+    def restore_notification(self, partition: int, event_id: str, guest_id: str, photo_id: str,
+                             present: bool) -> None:
+        """Rebuild what was pushed from the notifications topic (a tombstone: withdrawn)."""
+        guests = self._state(partition).guests.setdefault(event_id, EventGuests())
+        pushed = guests.notified.setdefault(guest_id, set())
+        if present:
+            pushed.add(photo_id)
+        else:
+            pushed.discard(photo_id)
+
+    def reconcile(self, partition: int) -> list[MatchNotification]:
+        """Push what a crash between a match and its delivery left unpushed (run once caught up)."""
+        state = self.partitions.get(partition)
+        if state is None:
+            return []
+        found = []
+        for event_id, guests in sorted(state.guests.items()):
+            for guest_id in sorted(guests.enrolled):
+                for match in guests.unpushed(guest_id, state.events.get(event_id)):
+                    found.append(self._notification(event_id, guest_id, match, 0))
+        return found
 
     def _check_model(self, faces: PhotoFaces) -> None:
         if faces.model_id != self.config.model_id:
@@ -128,10 +273,24 @@ class IndexerCore:
             return replace(reply, error=problem)
         if index is not None:
             reply = replace(reply, newest_face_at=index.newest_at)
+        guests = state.guests.get(request.event_id) if state else None
+        template = None
+        if request.guest_id is not None:
+            template = guests.enrolled.get(request.guest_id) if guests else None
+            if template is None:
+                return replace(reply, error=f"{GUEST_NOT_ENROLLED}: guest {request.guest_id} of event "
+                                            f"{request.event_id}")
+            if request.threshold is None:
+                reply = replace(reply, threshold=template.threshold)
         if index is None or index.size == 0:
             return replace(reply, status="NO_FACES", photos_indexed=index.photos if index else 0)
-        query = normalize_embedding(request.embedding, self.config.dim)
-        matches = index.search(query, request.top_k, threshold)
+        if template is not None:
+            matches = search_with_set(index, template.selfies, request.top_k, reply.threshold)
+        else:
+            query = normalize_embedding(request.embedding, self.config.dim)
+            # A forgotten guest's face finds nothing, whoever asks.
+            excluded = guests is not None and guests.query_excluded(query)
+            matches = [] if excluded else index.search(query, request.top_k, threshold)
         return replace(reply, status="OK", matches=matches, index_size=index.size, photos_indexed=index.photos,
                        search_ms=(time.perf_counter() - started) * 1000)
 
@@ -141,8 +300,12 @@ class IndexerCore:
                           status="ERROR", error=message)
 
     def _check(self, request: MatchRequest) -> str | None:
+        if request.model_id is not None and request.model_id != self.config.model_id:
+            return (f"{MODEL_MISMATCH}: the query was embedded with {request.model_id}; this event is "
+                    f"indexed with {self.config.model_id}")
         try:
-            normalize_embedding(request.embedding, self.config.dim, "user_embedding")
+            if request.guest_id is None:
+                normalize_embedding(request.embedding, self.config.dim, "user_embedding")
         except InvalidEmbedding as exc:
             return f"{exc} (model {self.config.model_id})"
         if not 1 <= request.top_k <= self.config.max_top_k:

@@ -39,6 +39,7 @@ class EventIndex:
         self._free_slots: list[int] = []
         self.face_slot = np.zeros(0, dtype=np.int32)  # face id -> photo slot, -1 once deleted
         self.face_bbox = np.zeros((0, BOX), dtype=np.float32)
+        self.photo_url: dict[str, str] = {}  # where each photo is: a rewritten faces record keeps it
         # Newest occurred_at (epoch ms) of the photos upserted: the index's freshness.
         # Deletes leave it: it says how recent the applied data is, not what remains.
         self.newest_at = 0
@@ -65,10 +66,13 @@ class EventIndex:
                   + self._slot_count.nbytes)
         return self.size * per_face + arrays
 
-    def upsert(self, photo_id: str, faces: Sequence[Face], occurred_at: int = 0) -> None:
+    def upsert(self, photo_id: str, faces: Sequence[Face], occurred_at: int = 0,
+               image_url: str | None = None) -> None:
         """Replace the photo's faces; `occurred_at` (epoch ms) of its event moves newest_at forward."""
         self.newest_at = max(self.newest_at, occurred_at)
         self.delete(photo_id)
+        if image_url:
+            self.photo_url[photo_id] = image_url
         first, count = self.next_id, len(faces)
         self._grow_faces(first + count)
         self.next_id += count
@@ -88,6 +92,7 @@ class EventIndex:
     def delete(self, photo_id: str) -> bool:
         """Remove the photo; False if it was not there."""
         slot = self.photo_faces.pop(photo_id, None)
+        self.photo_url.pop(photo_id, None)
         if slot is None:
             return False
         first, count = int(self._slot_first[slot]), int(self._slot_count[slot])
@@ -156,6 +161,50 @@ class EventIndex:
             self.promotion.wait()
             self.poll()
 
+    # -- erasure -----------------------------------------------------------------
+    def erase_matching(self, selfies: np.ndarray, threshold: float) -> dict[str, list[Face]]:
+        """Remove every face at or above `threshold` to any selfie; returns each changed photo's remaining faces.
+
+        The photos stay (other people are in them), without those faces. Remaining
+        faces are rebuilt from the index (exact, or 8-bit quantized once promoted)
+        with their boxes; detector scores and landmarks are not kept per face.
+        """
+        hit_ids: set[int] = set()
+        for selfie in np.asarray(selfies, dtype=np.float32).reshape(-1, self.dim):
+            hit_ids.update(self._ids_at_or_above(selfie, threshold))
+        by_slot: dict[int, set[int]] = {}
+        for face_id in hit_ids:
+            slot = int(self.face_slot[face_id])
+            if slot >= 0:
+                by_slot.setdefault(slot, set()).add(face_id)
+        changed: dict[str, list[Face]] = {}
+        for slot, erased in sorted(by_slot.items()):
+            photo_id = self._slot_photo[slot]
+            if photo_id is None:
+                continue
+            first, count = int(self._slot_first[slot]), int(self._slot_count[slot])
+            keep = [i for i in range(first, first + count) if i not in erased]
+            remaining = [Face(bbox=tuple(float(v) for v in self.face_bbox[i]), det_score=1.0,
+                              embedding=self._vector(i)) for i in keep]
+            url = self.photo_url.get(photo_id)
+            self.upsert(photo_id, remaining, image_url=url)
+            changed[photo_id] = remaining
+        return changed
+
+    def _ids_at_or_above(self, query: np.ndarray, threshold: float) -> list[int]:
+        if self.size == 0:
+            return []
+        # Inner-product range search keeps scores > radius: step just below the threshold.
+        _, scores, ids = self.index.range_search(query.reshape(1, -1), float(np.nextafter(threshold, -2.0)))
+        return [int(i) for i, score in zip(ids.tolist(), scores.tolist()) if i >= 0 and score >= threshold]
+
+    def _vector(self, face_id: int) -> np.ndarray:
+        try:
+            return np.asarray(self.index.reconstruct(face_id), dtype=np.float32)
+        except RuntimeError:  # an IVF index reconstructs by id only with a direct map
+            faiss.extract_index_ivf(self.index).make_direct_map()
+            return np.asarray(self.index.reconstruct(face_id), dtype=np.float32)
+
     # -- search ------------------------------------------------------------------
     def search(self, query: np.ndarray, top_k: int, threshold: float) -> list[PhotoMatch]:
         """Best photos for a normalized query: best face per photo, >= threshold."""
@@ -204,7 +253,7 @@ class EventIndex:
         slots = len(self._slot_photo)
         meta = {"dim": self.dim, "model_id": self.model_id, "next_id": self.next_id,
                 "newest_at": self.newest_at, "built_at": self.built_at,
-                "slot_photos": list(self._slot_photo),
+                "slot_photos": list(self._slot_photo), "photo_url": self.photo_url,
                 "arrays": {"face_slot": self.face_slot[:self.next_id], "face_bbox": self.face_bbox[:self.next_id],
                            "slot_first": self._slot_first[:slots], "slot_count": self._slot_count[:slots]}}
         return faiss.serialize_index(self.index), meta
@@ -220,6 +269,7 @@ class EventIndex:
         index.next_id = int(meta["next_id"])
         index.newest_at = int(meta.get("newest_at", 0))  # snapshots before it existed: unknown
         index.built_at = int(meta.get("built_at", 0))
+        index.photo_url = {str(k): str(v) for k, v in meta.get("photo_url", {}).items()}
         if "arrays" in meta:
             index._restore_arrays(meta["slot_photos"], meta["arrays"])
         else:

@@ -16,6 +16,7 @@ from pipeline.indexer.stage import IndexerStage
 from pipeline.kafka import consumer_config, producer_config
 from pipeline.logs import setup_logging
 from pipeline.metrics import all_of, create_metrics, serve_metrics
+from pipeline.restore import read_to_end
 from pipeline.runner import Runner
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import IndexerSettings, KafkaSettings, LogSettings, ModelSettings, RunnerSettings, TopicSettings
@@ -34,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     faiss.omp_set_num_threads(1)  # single queries are 15x slower with 2 OpenMP threads
     spec = spec_for(model.model, model.embedding_dim)
     try:
-        partitions = check_copartitioned(AdminClient(kafka.to_librdkafka()), topics.faces, topics.match_requests)
+        admin = AdminClient(kafka.to_librdkafka())
+        partitions = check_copartitioned(admin, topics.faces, topics.match_requests)
+        for topic in (topics.guests, topics.notifications):
+            check_copartitioned(admin, topics.faces, topic)
     except RuntimeError as exc:  # a wrong layout would answer queries from the wrong state
         logger.error("indexer cannot start: %s", exc)
         return 2
@@ -45,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                            probe_fraction=settings.index_probe_fraction,
                            regrow_factor=settings.index_regrow_factor, build_threads=settings.index_build_threads)
     core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold, settings.max_top_k, options))
-    stage = IndexerStage(core, serde, topics, partitions, settings, metrics)
-    runner = Runner(stage, [topics.faces, topics.match_requests],
+    restore_conf = kafka.to_librdkafka()
+    stage = IndexerStage(core, serde, topics, partitions, settings, metrics,
+                         restore=lambda tps: read_to_end(restore_conf, tps))
+    runner = Runner(stage, [topics.faces, topics.match_requests, topics.guests],
                     consumer_config(kafka, settings.group, runner_settings, **{"auto.offset.reset": "latest"}),
                     producer_config(kafka, **{"linger.ms": 0, "compression.type": "none"}),
                     topics.dlq, runner_settings, metrics, serde)

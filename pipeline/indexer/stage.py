@@ -17,18 +17,27 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING
 
 from pipeline.errors import PoisonRecord
+from pipeline.guest_records import (
+    GuestRecord,
+    MatchNotification,
+    guest_key,
+    notification_key,
+    parse_guest_key,
+    parse_notification_key,
+)
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
-from pipeline.indexer.core import IndexerCore
+from pipeline.indexer.core import Changes, IndexerCore
 from pipeline.indexer.state import load_snapshot, remove_stale_snapshots, save_snapshot, snapshot_path
 from pipeline.kafka import Output
 from pipeline.metrics import Metrics, Probe
-from pipeline.records import MatchRequest, PhotoFaces, faces_key, now_ms, parse_faces_key
-from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
+from pipeline.records import MatchRequest, PhotoFaces, check_id, faces_key, now_ms, parse_faces_key
+from pipeline.restore import TP, Restored
+from pipeline.serde import GUEST, MATCH_NOTIFICATION, MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
 from pipeline.stage_api import BaseStage, Control, Incoming, Outcome
 from pipeline.topics import SNAPSHOT_MAX_AGE_S, partition_for
@@ -56,11 +65,15 @@ class IndexerStage(BaseStage):
     name = "indexer"
 
     def __init__(self, core: IndexerCore, serde: SchemaRegistry, topics: TopicSettings,
-                 partitions: int, settings: IndexerSettings, metrics: Metrics) -> None:
+                 partitions: int, settings: IndexerSettings, metrics: Metrics,
+                 restore: Callable[[Sequence[TP]], dict[TP, Restored]]) -> None:
         self.core, self.serde, self.topics, self.partitions = core, serde, topics, partitions
-        self.settings, self.metrics = settings, metrics
-        self.sensitive_topics = frozenset({topics.match_requests})  # selfie embeddings
+        self.settings, self.metrics, self.restore = settings, metrics, restore
+        # Selfie embeddings: match requests, and guests' enrolled selfies and exclusion templates.
+        self.sensitive_topics = frozenset({topics.match_requests, topics.guests})
         self.replaying: set[int] = set()
+        self._guests_next: dict[int, int] = {}  # next guests offset per partition (a lower one is a redo)
+        self._reconcile: dict[int, list[Output]] = {}  # pushed with the partition's next record
         self._last_sweep = 0.0
 
     # -- records -------------------------------------------------------------
@@ -70,32 +83,88 @@ class IndexerStage(BaseStage):
         for item in batch:
             try:
                 if item.topic == self.topics.faces:
-                    outcomes.append(self._apply(item))
+                    outputs = self._apply(item)
+                elif item.topic == self.topics.guests:
+                    outputs = self._apply_guest(item)
                 else:
-                    outcomes.append(self._answer(item))
+                    outputs = self._answer(item)
+                outcomes.append(outputs + self._reconcile.pop(item.partition, []))
             except PoisonRecord as exc:
                 outcomes.append(exc)
         self._update_gauges()
         return outcomes
 
     def _apply(self, item: Incoming) -> list[Output]:
+        state = self.core.partitions.get(item.partition)
+        again = state is not None and item.offset < state.next_offset  # redone: outputs were not delivered
         try:
             event_id, photo_id = parse_faces_key(item.key)
-            if partition_for(event_id, self.partitions) != item.partition:
-                raise PoisonRecord("wrong_partition", f"event {event_id} belongs on partition "
-                                   f"{partition_for(event_id, self.partitions)}, found on {item.partition}")
+            self._check_partition(event_id, item.partition)
             faces = None
             if item.value is not None:
                 faces = PhotoFaces.from_avro(self.serde.decode(PHOTO_FACES, item.value))
-            erased = self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces)
+            changes = self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces, again)
             self._observe_searchable(item.partition, event_id, faces)
         finally:
             self.core.cover(item.partition, item.offset)
             if item.partition in self.replaying:
                 self.metrics.replay_records.inc()
-        if erased:
-            logger.info("event %s deleted: tombstoning %d photos", event_id, len(erased))
-        return [Output(self.topics.faces, faces_key(event_id, photo), None, item.partition) for photo in erased]
+        if changes.erased_photos:
+            logger.info("event %s deleted: tombstoning %d photos", event_id, len(changes.erased_photos))
+        live = faces is not None and item.partition not in self.replaying and faces.occurred_at > 0
+        for _ in changes.notifications:
+            if live and faces is not None:
+                self.metrics.time_to_notified.observe(max(0, now_ms() - faces.occurred_at) / 1000)
+        return self._outputs(event_id, item.partition, changes, "photo")
+
+    def _apply_guest(self, item: Incoming) -> list[Output]:
+        again = item.offset < self._guests_next.get(item.partition, 0)
+        self._guests_next[item.partition] = max(item.offset + 1, self._guests_next.get(item.partition, 0))
+        event_id, guest_id = parse_guest_key(item.key)
+        check_id("guest_id", guest_id)
+        self._check_partition(event_id, item.partition)
+        record = None
+        if item.value is not None:
+            record = GuestRecord.from_avro(self.serde.decode(GUEST, item.value))
+            if (record.event_id, record.guest_id) != (event_id, guest_id):
+                raise PoisonRecord("invalid_key", f"guests record of {record.event_id}/{record.guest_id} "
+                                   f"under key {event_id}/{guest_id}")
+        changes = self.core.apply_guest(item.partition, event_id, guest_id, record, again)
+        logger.info("guest %s of event %s: %s (%d photos pushed, %d withdrawn)", guest_id, event_id,
+                    "removed" if record is None else record.op.lower(), len(changes.notifications),
+                    len(changes.withdrawn))
+        return self._outputs(event_id, item.partition, changes, "enrol")
+
+    def _outputs_of(self, notifications: list[MatchNotification], partition: int) -> list[Output]:
+        self.metrics.notifications.labels("reconcile").inc(len(notifications))
+        return [Output(self.topics.notifications, n.key, self.serde.encode(MATCH_NOTIFICATION, n.to_avro()),
+                       partition) for n in notifications]
+
+    def _check_partition(self, event_id: str, partition: int) -> None:
+        expected = partition_for(event_id, self.partitions)
+        if expected != partition:
+            raise PoisonRecord("wrong_partition", f"event {event_id} belongs on partition {expected}, "
+                               f"found on {partition}")
+
+    def _outputs(self, event_id: str, partition: int, changes: Changes, kind: str) -> list[Output]:
+        """Everything a change publishes; all of it stays on the event's partition."""
+        topics, encode = self.topics, self.serde.encode
+        outputs = [Output(topics.faces, faces_key(event_id, photo), None, partition)
+                   for photo in changes.erased_photos]
+        outputs += [Output(topics.faces, faces_key(event_id, f.photo_id), encode(PHOTO_FACES, f.to_avro()),
+                           partition) for f in changes.rewrites]
+        outputs += [Output(topics.guests, guest_key(event_id, g), None, partition) for g in changes.erased_guests]
+        outputs += [Output(topics.guests, guest_key(event_id, g.guest_id), encode(GUEST, g.to_avro()), partition)
+                    for g in changes.guests]
+        outputs += [Output(topics.notifications, notification_key(event_id, guest, photo), None, partition)
+                    for guest, photo in changes.withdrawn]
+        outputs += [Output(topics.notifications, n.key, encode(MATCH_NOTIFICATION, n.to_avro()), partition)
+                    for n in changes.notifications]
+        if changes.notifications:
+            self.metrics.notifications.labels(kind).inc(len(changes.notifications))
+        if changes.withdrawn:
+            self.metrics.notifications.labels("withdrawn").inc(len(changes.withdrawn))
+        return outputs
 
     def _observe_searchable(self, partition: int, event_id: str, faces: PhotoFaces | None) -> None:
         """Photo event -> faces applied, for live upserts that carry their event's time."""
@@ -140,11 +209,11 @@ class IndexerStage(BaseStage):
 
     # -- partitions ------------------------------------------------------------
     def on_assign(self, partitions: list[tuple[str, int]], control: Control) -> dict[tuple[str, int], int]:
-        """Load snapshots; replay each faces partition from its snapshot's offset."""
-        starts = {}
-        for topic, partition in partitions:
-            if topic != self.topics.faces:
-                continue
+        """Load snapshots; restore guests; replay each faces partition from its snapshot's offset."""
+        starts: dict[tuple[str, int], int] = {}
+        owned = sorted(p for t, p in partitions if t == self.topics.faces)
+        for partition in owned:
+            topic = self.topics.faces
             path = snapshot_path(self.settings.state_dir, topic, partition)
             state = load_snapshot(path, partition, self.core.config.dim, self.core.config.model_id,
                                   SNAPSHOT_MAX_AGE_S, options=self.core.config.index)
@@ -157,6 +226,35 @@ class IndexerStage(BaseStage):
                 logger.info("partition %d: snapshot at offset %d (%d events)", partition,
                             state.next_offset, len(state.events))
             self.replaying.add(partition)
+        starts.update(self._restore_guests(owned))
+        return starts
+
+    def _restore_guests(self, owned: list[int]) -> dict[tuple[str, int], int]:
+        """Enrolments, exclusions and what was pushed, read whole from their compacted topics.
+
+        Nothing is pushed here: once the faces partition has caught up, anything
+        matching an enrolled guest and never pushed is (see after_batch).
+        """
+        topics = self.topics
+        restored = self.restore([(t, p) for p in owned for t in (topics.notifications, topics.guests)])
+        starts = {}
+        for partition in owned:
+            for key, value in restored[(topics.notifications, partition)].records:
+                try:
+                    event_id, guest_id, photo_id = parse_notification_key(key)
+                except PoisonRecord:
+                    continue  # not ours to judge: the topic's consumers dead-letter it
+                self.core.restore_notification(partition, event_id, guest_id, photo_id, value is not None)
+            guests = restored[(topics.guests, partition)]
+            for key, value in guests.records:
+                try:
+                    event_id, guest_id = parse_guest_key(key)
+                    record = None if value is None else GuestRecord.from_avro(self.serde.decode(GUEST, value))
+                    self.core.restore_guest(partition, event_id, guest_id, record)
+                except PoisonRecord as exc:  # was dead-lettered when it first arrived
+                    logger.warning("partition %d: skipping guests record %r: %s", partition, key, exc)
+            self._guests_next[partition] = guests.end
+            starts[(topics.guests, partition)] = guests.end
         return starts
 
     def after_assign(self, partitions: list[tuple[str, int]], control: Control) -> None:
@@ -174,6 +272,11 @@ class IndexerStage(BaseStage):
             if high >= 0 and position >= high:
                 self.replaying.discard(partition)
                 control.resume(self.topics.match_requests, partition)
+                found = self.core.reconcile(partition)
+                if found:
+                    logger.info("partition %d: %d matches of enrolled guests were never pushed", partition, len(found))
+                    pending = self._reconcile.setdefault(partition, [])
+                    pending += self._outputs_of(found, partition)
                 logger.info("partition %d caught up at offset %d: answering queries", partition, high)
         now = time.monotonic()
         for state in list(self.core.partitions.values()):
@@ -193,6 +296,8 @@ class IndexerStage(BaseStage):
                 self._snapshot(partition)
                 self.core.drop(partition)
                 self.replaying.discard(partition)
+                self._reconcile.pop(partition, None)
+                self._guests_next.pop(partition, None)
         self._update_gauges()
 
     def close(self) -> None:

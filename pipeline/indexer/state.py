@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.indexer.event_index import EventIndex, dumps_meta, loads_meta
+from pipeline.indexer.guests import EventGuests
 from pipeline.indexer.promotion import IndexOptions
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class PartitionState:
     # Photos an event delete erased whose tombstones have not come back through the
     # faces topic yet. Never snapshotted: no snapshot is written while any are pending.
     pending_tombstones: dict[str, set[str]] = field(default_factory=dict)
+    # Enrolled guests, exclusions and what was pushed: rebuilt from the guests and
+    # match-notifications topics on assignment, never snapshotted.
+    guests: dict[str, EventGuests] = field(default_factory=dict)
     next_offset: int = 0  # next faces offset to apply; snapshot covers [0, next_offset)
     last_applied: int = -1
     dirty_records: int = 0

@@ -23,9 +23,13 @@ from starlette.formparsers import MultiPartParser
 
 from pipeline.errors import PoisonRecord
 from pipeline.facelib.model import DetectedFace
+from pipeline.facelib.quality import NO_GATE, QualityGate
 from pipeline.facelib.spec import ModelSpec
 from pipeline.facelib.vectors import InvalidEmbedding, normalize_embedding
+from pipeline.guest_records import MODEL_MISMATCH
 from pipeline.matcher.auth import AuthError, Authorizer
+from pipeline.matcher.guest_tokens import GuestTokens
+from pipeline.matcher.notifications import NotificationReader
 from pipeline.matcher.replies import KafkaRequester, PublishFailed, ReplyTimeout
 from pipeline.matcher.schemas import ErrorOut, IngestAccepted, IngestBody, MatchBody, MatchOut
 from pipeline.matcher.selfie import SelfieError, analyze_payload, pick_single_face
@@ -61,6 +65,9 @@ class BridgeServices:
     auth: Authorizer
     health: Callable[[], Awaitable[dict[str, Any]]]
     faces_in_image: Callable[[bytes], list[DetectedFace]] | None = None
+    quality_gate: QualityGate = NO_GATE  # selfies' faces must pass it (FACEMATCH_QUALITY_*)
+    notifications: NotificationReader | None = None  # guests' match notifications (SSE)
+    guest_tokens: GuestTokens | None = None  # tokens scoped to one guest (FACEMATCH_GUEST_TOKEN_SECRET)
 
 
 def _key(x_api_key: str | None, authorization: str | None) -> str | None:
@@ -177,9 +184,9 @@ def create_app(services: BridgeServices) -> FastAPI:
         authorize(x_api_key, authorization, "match", event_id)
         faces = await _faces(services, image)
         try:
-            face = pick_single_face(faces)
+            face = pick_single_face(faces, services.quality_gate)
         except SelfieError as exc:
-            raise ApiError(422, str(exc), faces_found=len(faces)) from exc
+            raise ApiError(422, str(exc), faces_found=len(faces), reason=exc.reason) from exc
         return await _match(services, event_id, face.embedding, top_k, threshold)
 
     @app.post("/api/face/analyze", responses=_errors(400, 401, 403, 413, 503))
@@ -195,6 +202,10 @@ def create_app(services: BridgeServices) -> FastAPI:
         """Broker, indexer partitions, model and embedding_dim; 200 when ready to match, else 503."""
         body = await services.health()
         return JSONResponse(body, status_code=200 if body.get("ready") else 503)
+
+    from pipeline.matcher.guests_api import install_guest_routes  # it builds on this module's helpers
+
+    install_guest_routes(app, services)
 
     @app.get("/metrics", include_in_schema=False)  # Prometheus text for scrapers, not part of the API
     async def metrics() -> Response:
@@ -238,17 +249,18 @@ async def _faces(services: BridgeServices, image: UploadFile) -> list[DetectedFa
 
 
 async def _match(services: BridgeServices, event_id: str, vector: np.ndarray, top_k: int,
-                 threshold: float | None) -> Response:
+                 threshold: float | None, guest_id: str | None = None) -> Response:
     started = time.perf_counter()
     try:
         reply = await services.requester.match(event_id, vector, top_k, threshold,
-                                               services.settings.bridge_timeout_s)
+                                               services.settings.bridge_timeout_s, guest_id=guest_id)
     except PublishFailed as exc:
         raise _unavailable(exc) from exc
     except ReplyTimeout as exc:
         raise ApiError(504, f"{exc}: is an indexer running and caught up? see /health") from exc
     if reply.status == "ERROR":
-        raise ApiError(422, reply.error or "match failed")
+        error = reply.error or "match failed"
+        raise ApiError(409 if error.startswith(MODEL_MISMATCH) else 422, error)
     matches = [{"photo_id": m.photo_id, "score": m.score, "similarity": m.score,
                 "faces": [{"bbox": list(f.bbox), "score": f.score} for f in m.faces]}
                for m in reply.matches]

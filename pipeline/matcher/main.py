@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import queue
+import secrets
 import sys
 import time
 import uuid
@@ -26,11 +27,14 @@ from fastapi import FastAPI
 
 from pipeline.facelib.geometry import to_original
 from pipeline.facelib.model import FaceModel
+from pipeline.facelib.quality import NO_GATE, QualityGate
 from pipeline.facelib.spec import ModelSpec
 from pipeline.kafka import producer_config
 from pipeline.logs import setup_logging
 from pipeline.matcher.api import BridgeServices, create_app
 from pipeline.matcher.auth import Authorizer, parse_api_keys
+from pipeline.matcher.guest_tokens import GuestTokens
+from pipeline.matcher.notifications import NotificationReader
 from pipeline.matcher.replies import (
     KafkaRequester,
     NoReplyPartition,
@@ -40,7 +44,15 @@ from pipeline.matcher.replies import (
 )
 from pipeline.metrics import create_metrics
 from pipeline.serde import SchemaRegistry
-from pipeline.settings import BridgeSettings, EmbedderSettings, KafkaSettings, LogSettings, ModelSettings, TopicSettings
+from pipeline.settings import (
+    BridgeSettings,
+    EmbedderSettings,
+    KafkaSettings,
+    LogSettings,
+    ModelSettings,
+    QualitySettings,
+    TopicSettings,
+)
 from pipeline.summary import SummaryLogger, start_summaries
 from pipeline.topics import partition_count, partition_for
 
@@ -121,8 +133,8 @@ def probe_events(partitions: int) -> list[str]:
 
 def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSettings,
                    model_settings: ModelSettings, embedder: EmbedderSettings,
-                   publish_timeout_s: float | None = None) -> BridgeServices:
-    """Everything the app needs; starts the reply thread.
+                   publish_timeout_s: float | None = None, quality: QualitySettings | None = None) -> BridgeServices:
+    """Everything the app needs; starts the reply thread. Selfies pass the quality gate when `quality` is given.
 
     publish_timeout_s bounds how long a produce may wait for the broker's ack
     (librdkafka's message.timeout.ms) before the bridge answers 503.
@@ -151,6 +163,8 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
         pinned=bridge.bridge_reply_partition)
     consumer_conf = {**kafka.to_librdkafka(), "group.id": f"facematch-bridge-{uuid.uuid4().hex[:8]}",
                      "enable.auto.commit": False, "fetch.wait.max.ms": 5}
+    if os.environ.get("TMP_REPLY_DEBUG"):  # TMP-DEBUG
+        consumer_conf["debug"] = os.environ["TMP_REPLY_DEBUG"]  # TMP-DEBUG
     if publish_timeout_s is None:
         publish_timeout_s = bridge.bridge_publish_timeout_s
     # Without message.timeout.ms librdkafka retries for 300 s while the broker is down.
@@ -169,7 +183,20 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
                        "their hashes instead (`facematch keys hash` prints sha256:<hex>)", auth.plain_text_keys)
     return BridgeServices(requester=requester, serde=serde, topics=topics, settings=bridge, spec=spec,
                           metrics=create_metrics(), auth=auth, health=health,
-                          faces_in_image=faces_in_image)
+                          faces_in_image=faces_in_image,
+                          quality_gate=QualityGate.from_settings(quality) if quality is not None else NO_GATE,
+                          notifications=NotificationReader(kafka.to_librdkafka(), topics.notifications,
+                                                           partitions, serde),
+                          guest_tokens=guest_tokens(bridge))
+
+
+def guest_tokens(bridge: BridgeSettings) -> GuestTokens:
+    """Tokens scoped to one guest; a random secret (with a warning) when none is configured."""
+    if bridge.guest_token_secret is None:
+        logger.warning("FACEMATCH_GUEST_TOKEN_SECRET is unset: guest tokens are signed with a random secret and "
+                       "only work in this process (set one shared secret for every bridge)")
+        return GuestTokens(secrets.token_bytes(32), bridge.guest_token_ttl_s)
+    return GuestTokens(bridge.guest_token_secret.get_secret_value().encode(), bridge.guest_token_ttl_s)
 
 
 def selfie_reader(models: list[FaceModel], embedder: EmbedderSettings) -> Any:
@@ -243,7 +270,8 @@ def create_worker_app() -> FastAPI:
     log = LogSettings()
     setup_logging(log.log_level, log.log_format)
     bridge = BridgeSettings()
-    services = build_services(KafkaSettings(), TopicSettings(), bridge, ModelSettings(), EmbedderSettings())
+    services = build_services(KafkaSettings(), TopicSettings(), bridge, ModelSettings(), EmbedderSettings(),
+                              quality=QualitySettings())
     summaries = start_summaries("bridge", services.metrics.registry, log.log_summary_interval_s)
     logger.info("bridge worker %d: reply partition %d of %s", os.getpid(), services.requester.reply_partition,
                 services.topics.match_replies)
@@ -276,13 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             logger.error("bridge cannot start: %s", problem)
             return 2
+        if bridge.guest_token_secret is None:  # one secret for every worker, or tokens work in one only
+            os.environ["FACEMATCH_GUEST_TOKEN_SECRET"] = secrets.token_urlsafe(32)
         # Each worker process runs create_worker_app: its own model, Kafka clients and reply partition.
         uvicorn.run("pipeline.matcher.main:create_worker_app", factory=True, workers=bridge.bridge_workers,
                     host=bridge.http_host, port=bridge.http_port, log_level="warning", access_log=False,
                     log_config=None)
         return 0
     try:
-        services = build_services(kafka, topics, bridge, ModelSettings(), EmbedderSettings())
+        services = build_services(kafka, topics, bridge, ModelSettings(), EmbedderSettings(),
+                                  quality=QualitySettings())
     except NoReplyPartition as exc:
         logger.error("bridge cannot start: %s", exc)
         return 2

@@ -18,6 +18,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,13 +30,18 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from pipeline.delivery import breaks_producer
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
+from pipeline.kafka import replace_producer
 from pipeline.records import MatchReply, MatchRequest, now_ms
 from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, SchemaRegistry
+from pipeline.settings import KafkaSettings
 from pipeline.topics import partition_for
 
 logger = logging.getLogger(__name__)
 
 REPLY_BATCH = 256  # replies taken from the fetched queue per wakeup of the waiters' event loops
+STALL_S = 1.0  # the broker holds replies past our position, yet none arrived for this long: a stalled fetch
+FETCH_WAIT_GROWTH = 4  # each stall multiplies the reply consumer's fetch.wait.max.ms by this
+FETCH_WAIT_MAX_MS = 2000  # up to this
 
 
 class ReplyTimeout(TimeoutError):
@@ -140,6 +146,17 @@ def claim_reply_partition(runtime_dir: Path, bootstrap: str, reply_topic: str, c
         f"reply topic more partitions (FACEMATCH_TOPIC_REPLY_PARTITIONS)")
 
 
+def reply_consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """The reply consumer: assign()ed, never commits, and a short fetch wait for low latency.
+
+    Apache Kafka answers a fetch as soon as a record arrives, whatever the wait; Tansu answers
+    at the end of the wait, so a short one is its latency floor. KafkaRequester lengthens it
+    when the broker needs more time than that to read the partition (see _check_stalled).
+    """
+    return {**kafka.to_librdkafka(), "group.id": f"facematch-bridge-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False, "fetch.wait.max.ms": 5}
+
+
 class KafkaRequester:
     """Sends match requests and awaits their replies; also publishes records."""
 
@@ -157,7 +174,10 @@ class KafkaRequester:
         self._producer_conf = {**producer_conf, "error_cb": self._on_client_error}
         self._fatal: Any = None  # a fatal producer error: the next produce replaces the producer
         self.producer = Producer(self._producer_conf)
-        self.consumer = Consumer(consumer_conf)
+        self._consumer_conf = dict(consumer_conf)
+        self.consumer = Consumer(self._consumer_conf)
+        self._next_offset = 0  # of the reply partition: where a new consumer would resume
+        self._behind_since: float | None = None  # when the broker was first seen holding replies we lack
         self._pending: dict[bytes, tuple[asyncio.AbstractEventLoop, asyncio.Future[MatchReply]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -169,8 +189,14 @@ class KafkaRequester:
         _, high = self.consumer.get_watermark_offsets(tp, timeout=10)
         # An explicit start offset (not OFFSET_END resolved later) means no reply
         # to a request sent after start() can be skipped; older ones are filtered.
-        self.consumer.assign([TopicPartition(self.reply_topic, self.reply_partition, max(high, 0))])
+        self._next_offset = max(high, 0)
+        self.consumer.assign([TopicPartition(self.reply_topic, self.reply_partition, self._next_offset)])
         self._thread.start()
+
+    @property
+    def fetch_wait_ms(self) -> int:
+        """The reply consumer's fetch.wait.max.ms now (it grows when the broker needs longer)."""
+        return int(self._consumer_conf.get("fetch.wait.max.ms", 500))
 
     def close(self) -> None:
         """Stop polling, flush, close (once: the app's shutdown and main() may both call it)."""
@@ -185,7 +211,7 @@ class KafkaRequester:
             self.claim.release()
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int,
-                    threshold: float | None, timeout_s: float) -> MatchReply:
+                    threshold: float | None, timeout_s: float, guest_id: str | None = None) -> MatchReply:
         """Send one request and wait for its reply; PublishFailed or ReplyTimeout otherwise."""
         request_id = uuid.uuid4().hex
         correlation = request_id.encode()
@@ -203,7 +229,7 @@ class KafkaRequester:
         with self._lock:
             self._pending[correlation] = (loop, future)
         request = MatchRequest(request_id=request_id, event_id=event_id, embedding=embedding,
-                               top_k=top_k, threshold=threshold,
+                               top_k=top_k, threshold=threshold, guest_id=guest_id,
                                deadline_ms=now_ms() + int(timeout_s * 1000))
         headers = [(CORRELATION, correlation), (REPLY_TOPIC, self.reply_topic.encode()),
                    (REPLY_PARTITION, struct.pack(">i", self.reply_partition))]
@@ -221,8 +247,12 @@ class KafkaRequester:
             with self._lock:
                 self._pending.pop(correlation, None)
 
-    async def publish(self, topic: str, key: bytes, value: bytes | None) -> tuple[int, int]:
-        """Produce and wait for the broker's ack; returns (partition, offset), or raises PublishFailed."""
+    async def publish(self, topic: str, key: bytes, value: bytes | None,
+                      partition: int | None = None) -> tuple[int, int]:
+        """Produce and wait for the broker's ack; returns (partition, offset), or raises PublishFailed.
+
+        `partition` None: murmur2 of the key chooses (keys that are the event id).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
 
@@ -233,7 +263,8 @@ class KafkaRequester:
             else:
                 loop.call_soon_threadsafe(_set_result, future, (msg.partition(), msg.offset()))
 
-        self._produce(topic, key=key, value=value, on_delivery=on_delivery)
+        where = {} if partition is None else {"partition": partition}
+        self._produce(topic, key=key, value=value, on_delivery=on_delivery, **where)
         try:
             # Bounded: with the broker down, librdkafka would otherwise retry until message.timeout.ms
             # (and a producer without one waits 300 s). Timing out here does not unsend the record:
@@ -272,18 +303,14 @@ class KafkaRequester:
     def _replace_producer(self) -> None:
         # An idempotent producer whose records timed out can turn fatal once the broker is back
         # (e.g. UNKNOWN_PRODUCER_ID when the broker lost its state); it refuses everything after
-        # that, so a new one takes over. Records still queued in the old one are abandoned:
-        # their callers got (or will get) a 503 from the bounded waits.
+        # that, so a new one takes over. Records still queued in the old one are abandoned: their
+        # callbacks fail their waiters (503) now, not at their timeout. The callbacks never take _lock.
         with self._lock:
             if self._fatal is None:
                 return
             logger.error("bridge producer failed fatally (%s): starting a new one", self._fatal)
-            self._fatal, old, self.producer = None, self.producer, Producer(self._producer_conf)
-        try:  # the abandoned records' callbacks fail their waiters now, not at their timeout
-            old.purge(in_queue=True, in_flight=True)
-            old.poll(0)
-        except KafkaException as exc:
-            logger.warning("abandoning the old producer: %s", exc)
+            self._fatal = None
+            self.producer = replace_producer(self.producer, self._producer_conf)
 
     def _poll_producer(self) -> None:
         try:
@@ -298,6 +325,7 @@ class KafkaRequester:
             self._poll_producer()
             first = self.consumer.poll(0.05)
             if first is None:
+                self._check_stalled()
                 continue
             # poll() returns at the first reply; consume(timeout=0) takes what is already fetched,
             # so a burst of replies wakes each event loop once, not once per reply.
@@ -307,9 +335,49 @@ class KafkaRequester:
                 if msg.error():
                     logger.warning("reply consumer: %s", msg.error())
                     continue
+                self._next_offset, self._behind_since = msg.offset() + 1, None
                 self._deliver(msg, ready)
             for loop, settled in ready.items():
                 loop.call_soon_threadsafe(_settle_all, settled)
+
+    def _check_stalled(self) -> None:
+        """Resume with a longer fetch wait when the broker keeps answering our fetches with nothing.
+
+        A fetch whose wait runs out before the broker has read the records is answered empty, with
+        no error, and librdkafka asks again at the same offset: when reading always takes longer
+        than the wait (Tansu's S3 engine lists every batch object of the partition per fetch, a
+        list that grows with the partition), no reply ever arrives. The high watermark that comes
+        with those empty answers shows it: the broker has records past our position.
+        """
+        tp = TopicPartition(self.reply_topic, self.reply_partition)
+        _, cached_high = self.consumer.get_watermark_offsets(tp, cached=True)
+        if cached_high <= self._next_offset:  # caught up, or nothing fetched yet (OFFSET_INVALID)
+            self._behind_since = None
+            return
+        now = time.monotonic()
+        if self._behind_since is None:
+            self._behind_since = now
+            return
+        if now - self._behind_since < STALL_S:
+            return
+        self._behind_since = now  # the next verdict comes STALL_S later at the earliest
+        try:  # a broker that is down answers nothing at all: that is no stall, and its watermark is stale
+            self.consumer.list_topics(self.reply_topic, timeout=STALL_S)
+        except KafkaException:
+            return
+        self._resume_with_longer_wait(cached_high)
+
+    def _resume_with_longer_wait(self, high: int) -> None:
+        """A new reply consumer at our position (no reply skipped), with a longer fetch.wait.max.ms."""
+        wait = min(FETCH_WAIT_MAX_MS, self.fetch_wait_ms * FETCH_WAIT_GROWTH)
+        logger.warning("reply partition %s[%d]: the broker holds replies up to offset %d, but answered every "
+                       "fetch at %d with none for %.1fs (fetch.wait.max.ms=%d is shorter than it needs): "
+                       "reading on with fetch.wait.max.ms=%d", self.reply_topic, self.reply_partition, high,
+                       self._next_offset, STALL_S, self.fetch_wait_ms, wait)
+        self._consumer_conf["fetch.wait.max.ms"] = wait
+        old, self.consumer = self.consumer, Consumer(self._consumer_conf)
+        self.consumer.assign([TopicPartition(self.reply_topic, self.reply_partition, self._next_offset)])
+        old.close()
 
     def _deliver(self, msg: Any, ready: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[MatchReply],
                                                                                Any]]]) -> None:

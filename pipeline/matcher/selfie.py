@@ -4,22 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.facelib.geometry import most_prominent
+from pipeline.facelib.geometry import box_area, most_prominent
 from pipeline.facelib.model import DetectedFace
+from pipeline.facelib.quality import NO_GATE, QualityGate
 from pipeline.facelib.spec import ModelSpec
 
 
 class SelfieError(ValueError):
-    """The selfie shows no face, or more than one."""
+    """The selfie shows no usable face, or more than one; `reason` is a stable code for clients."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def pick_single_face(faces: list[DetectedFace]) -> DetectedFace:
-    """The selfie's face; refuses zero or several faces so nobody matches as someone else."""
+def pick_single_face(faces: list[DetectedFace], gate: QualityGate = NO_GATE) -> DetectedFace:
+    """The selfie's face; refuses zero or several faces so nobody matches as someone else.
+
+    Faces failing the gate are dropped first, as the embedder drops them from
+    the index (a tiny face in the background does not count); when none is
+    left, the answer says why the most prominent one failed.
+    """
     if not faces:
-        raise SelfieError("no face found in the image: send a well-lit photo of your face")
-    if len(faces) > 1:
-        raise SelfieError(f"found {len(faces)} faces: send a selfie that shows only your face")
-    return faces[0]
+        raise SelfieError("no face found in the image: send a well-lit photo of your face", "no_face")
+    checked = [(face, gate.check(face)) for face in faces]
+    usable = [face for face, rejection in checked if rejection is None]
+    if len(usable) > 1:
+        raise SelfieError(f"found {len(usable)} faces: send a selfie that shows only your face", "several_faces")
+    if usable:
+        return usable[0]
+    failed = [(face, rejection) for face, rejection in checked if rejection is not None]
+    _, main = max(failed, key=lambda pair: (box_area(pair[0]), pair[0].det_score))  # the most prominent face
+    raise SelfieError(main.message, main.reason)
 
 
 def face_json(face: DetectedFace) -> dict[str, Any]:

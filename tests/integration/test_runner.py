@@ -29,6 +29,7 @@ from pipeline.indexer.stage import IndexerStage
 from pipeline.kafka import Output, consumer_config, producer_config
 from pipeline.metrics import Metrics, create_metrics
 from pipeline.records import MatchReply, MatchRequest, now_ms
+from pipeline.restore import read_to_end
 from pipeline.runner import BaseStage, Control, Incoming, Outcome, Runner
 from pipeline.serde import DEAD_LETTER, MATCH_REPLY, MATCH_REQUEST, SchemaRegistry
 from pipeline.settings import IndexerSettings, KafkaSettings, RunnerSettings, TopicSettings
@@ -398,7 +399,8 @@ def test_match_request_with_a_bad_reply_address_is_dead_lettered_and_the_next_is
     spec = spec_for("none", 8)
     metrics = create_metrics()
     core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold))
-    stage = IndexerStage(core, SERDE, topics, topics.partitions, IndexerSettings(state_dir=tmp_path), metrics)
+    stage = IndexerStage(core, SERDE, topics, topics.partitions, IndexerSettings(state_dir=tmp_path), metrics,
+                         lambda tps: read_to_end({"bootstrap.servers": kafka_bootstrap}, tps))
     event = "EV"
     partition = partition_for(event, topics.partitions)
     missing = f"missing-{uuid.uuid4().hex[:8]}"

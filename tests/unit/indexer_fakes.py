@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pipeline.indexer.stage import IndexerStage
+from pipeline.restore import TP, Restored
 
 
 class CaughtUp:
@@ -20,3 +23,8 @@ class CaughtUp:
     def high_watermark(self, topic: str, partition: int) -> int:
         state = self.stage.core.partitions.get(partition)
         return state.next_offset if state else 0
+
+
+def nothing_to_restore(partitions: Sequence[TP]) -> dict[TP, Restored]:
+    """A restore reader for partitions whose guests and notifications topics are empty."""
+    return {tp: Restored() for tp in partitions}

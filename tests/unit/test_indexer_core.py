@@ -122,7 +122,7 @@ def delete_event(event: str) -> PhotoFaces:
 
 
 def apply(core: IndexerCore, offset: int, event: str, photo_id: str | None, faces: PhotoFaces | None) -> list[str]:
-    erased = core.apply_faces(0, offset, event, photo_id, faces)
+    erased = core.apply_faces(0, offset, event, photo_id, faces).erased_photos
     core.cover(0, offset)
     return erased
 
@@ -257,7 +257,8 @@ def test_faces_of_another_model_are_refused_even_with_the_same_dim(core: Indexer
     assert ask(core, "E", v).status == "NO_FACES"
     # Deletes carry a model_id too, but erasing never depends on it.
     core.apply_faces(0, 1, "E", "p", photo("E", "p", [v]))
-    assert core.apply_faces(0, 2, "E", None, PhotoFaces("E", "", "other-model", DIM, op="DELETE_EVENT")) == ["p"]
+    changes = core.apply_faces(0, 2, "E", None, PhotoFaces("E", "", "other-model", DIM, op="DELETE_EVENT"))
+    assert changes.erased_photos == ["p"]
 
 
 def test_precomputed_model_id_works_with_model_none() -> None:

@@ -17,7 +17,7 @@ from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegist
 from pipeline.settings import IndexerSettings, TopicSettings
 from pipeline.stage_api import Incoming
 from pipeline.topics import partition_for
-from tests.unit.indexer_fakes import CaughtUp
+from tests.unit.indexer_fakes import CaughtUp, nothing_to_restore
 
 DIM = 16
 PARTITIONS = 3
@@ -32,7 +32,8 @@ def serde() -> SchemaRegistry:
 def stage(tmp_path: Path, serde: SchemaRegistry) -> IndexerStage:
     core = IndexerCore(IndexerConfig(dim=DIM, model_id="m", default_threshold=0.3))
     settings = IndexerSettings(state_dir=tmp_path / "state", snapshot_interval_s=0.0)
-    return IndexerStage(core, serde, TopicSettings(prefix="u."), PARTITIONS, settings, create_metrics())
+    return IndexerStage(core, serde, TopicSettings(prefix="u."), PARTITIONS, settings, create_metrics(),
+                        nothing_to_restore)
 
 
 def unit(seed: int) -> np.ndarray:

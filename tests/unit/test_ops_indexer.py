@@ -18,7 +18,7 @@ from pipeline.serde import MATCH_REPLY, PHOTO_FACES, SCHEMA_DIR, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
 from pipeline.stage_api import Incoming
 from pipeline.topics import partition_for
-from tests.unit.indexer_fakes import CaughtUp
+from tests.unit.indexer_fakes import CaughtUp, nothing_to_restore
 
 DIM = 8
 PARTITIONS = 3
@@ -107,7 +107,8 @@ def test_iso_utc() -> None:
 def stage(tmp_path: Path, serde: SchemaRegistry) -> IndexerStage:
     core = IndexerCore(IndexerConfig(dim=DIM, model_id="m", default_threshold=0.3))
     settings = IndexerSettings(state_dir=tmp_path / "state", snapshot_interval_s=3600)
-    return IndexerStage(core, serde, TopicSettings(prefix="u."), PARTITIONS, settings, create_metrics())
+    return IndexerStage(core, serde, TopicSettings(prefix="u."), PARTITIONS, settings, create_metrics(),
+                        nothing_to_restore)
 
 
 def record(serde: SchemaRegistry, offset: int, faces: PhotoFaces) -> Incoming:

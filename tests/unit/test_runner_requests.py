@@ -19,6 +19,7 @@ from pipeline.serde import MATCH_REQUEST, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
 from pipeline.stage_api import Incoming
 from pipeline.topics import partition_for
+from tests.unit.indexer_fakes import nothing_to_restore
 
 DIM = 8
 PARTITIONS = 3
@@ -28,7 +29,8 @@ TOPICS = TopicSettings(prefix="u.", partitions=PARTITIONS)
 
 def stage(tmp_path: Path) -> IndexerStage:
     core = IndexerCore(IndexerConfig(DIM, "test-model", 0.5))
-    return IndexerStage(core, SERDE, TOPICS, PARTITIONS, IndexerSettings(state_dir=tmp_path), create_metrics())
+    return IndexerStage(core, SERDE, TOPICS, PARTITIONS, IndexerSettings(state_dir=tmp_path), create_metrics(),
+                        nothing_to_restore)
 
 
 def request(deadline_ms: int = 0, timestamp_ms: int = 0, reply_partition: bytes | None = None) -> Incoming:
