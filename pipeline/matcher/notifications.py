@@ -89,7 +89,11 @@ class NotificationReader:
         try:
             consumer.assign([TopicPartition(self.topic, partition, OFFSET_BEGINNING)])
             while not stop.is_set():
-                batch = [m for m in consumer.consume(500, timeout=POLL_S) if m.error() is None]
+                # poll() returns on the first record; consume(n, timeout) would wait out the timeout for n.
+                first = consumer.poll(POLL_S)
+                if first is None:
+                    continue
+                batch = [m for m in [first, *consumer.consume(499, timeout=0)] if m.error() is None]
                 if batch and not stop.is_set():
                     loop.call_soon_threadsafe(queue.put_nowait, batch)
         except RuntimeError:

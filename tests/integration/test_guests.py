@@ -8,6 +8,7 @@ services need no model. Subscriptions are read through the bridge's SSE stream.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -32,6 +33,7 @@ OTHERS = ("biden.jpg", "t1.jpg", "sample1.jpg", "sample2.jpg", "sample3.jpg", "s
           "sample6.jpg")
 SERDE = SchemaRegistry.load()
 SFACE_ENV = {"FACEMATCH_EMBEDDING_DIM": "128"}
+LIVE_COPIES = int(os.environ.get("FACEMATCH_GUEST_LIVE_PHOTOS", "10"))  # photos timed ingest -> notification
 
 
 @pytest.fixture
@@ -91,8 +93,8 @@ class SseListener:
                 elif not line and data:
                     self.events.append((kind, json.loads(data), time.monotonic()))
                     kind, data = "message", ""
-        except (OSError, ValueError):
-            return  # closed by close()
+        except (OSError, ValueError, AttributeError):
+            return  # closed by close() (http.client drops its file object under the reader)
 
     def photos(self, kind: str = "match") -> list[str]:
         return [d["photo_id"] for k, d, _ in list(self.events) if k == kind]
@@ -124,31 +126,35 @@ def test_a_subscription_gets_each_matching_photo_once_across_an_indexer_kill(
     sse = SseListener(f"{base}/api/v2/events/{event}/guests/ann/notifications")
     listeners.append(sse)
     sent: dict[str, float] = {}
-    for name in ("obama2.jpg", *OTHERS[:4]):
+    for name in OTHERS[:4]:  # the pipeline warms up on photos of other people
         sent[name] = ingest(base, event, name, sample_faces[name])
-    wait_for(lambda: "obama2.jpg" in sse.photos(), 60, "obama2 pushed")
+    wait_for(lambda: guest_match(base, event, "ann")[1].get("photos_indexed") == 4, 60, "warm-up photos indexed")
+    for i in range(LIVE_COPIES):  # new photos of her, one at a time: ingest -> pushed
+        name = f"live-{i}"
+        sent[name] = ingest(base, event, name, sample_faces["obama2.jpg"])
+        wait_for(lambda name=name: name in sse.photos(), 60, f"{name} pushed", interval_s=0.01)
+    live = sorted(arrived - sent[data["photo_id"]] for kind, data, arrived in sse.events if kind == "match")
+    print(f"\nnotification latency (ingest answered -> SSE event received), {len(live)} photos: "
+          f"p50 {statistics.median(live) * 1000:.0f} ms, p99 {live[int(0.99 * (len(live) - 1))] * 1000:.0f} ms, "
+          f"max {live[-1] * 1000:.0f} ms")
 
     indexer.kill()  # SIGKILL: no last snapshot
     stack.indexer(name="indexer-2", state_dir=stack.workdir / "state-indexer")
-    for name in ("obama3.jpg", *OTHERS[4:]):
+    for name in ("obama2.jpg", "obama3.jpg", *OTHERS[4:]):
         sent[name] = ingest(base, event, name, sample_faces[name])
-    sent["copy-of-obama2"] = ingest(base, event, "copy-of-obama2", sample_faces["obama2.jpg"])
-    wait_for(lambda: {"obama3.jpg", "copy-of-obama2"} <= set(sse.photos()), 90, "photos after the restart pushed")
+    wait_for(lambda: {"obama2.jpg", "obama3.jpg"} <= set(sse.photos()), 90, "photos after the restart pushed")
     # Every photo, including the last one, is applied before we look for strays.
     wait_for(lambda: guest_match(base, event, "ann")[1].get("photos_indexed") == len(sent), 60, "all indexed")
 
     pushed = sse.photos()
-    assert sorted(pushed) == ["copy-of-obama2", "obama2.jpg", "obama3.jpg"], pushed  # once each, nobody else
-    assert sorted(notifications(base, event, "ann")) == sorted(pushed)
+    expected = sorted(["obama2.jpg", "obama3.jpg", *(f"live-{i}" for i in range(LIVE_COPIES))])
+    assert sorted(pushed) == expected, pushed  # once each, and nobody else's photo
+    assert sorted(notifications(base, event, "ann")) == expected
     records = topic_values(stack.bootstrap, stack.topics.notifications, partition_for(event, stack.topics.partitions))
     keys = [k for k, v in records if v is not None]
-    assert len(keys) == len(set(keys)) == 3, keys  # not even the topic holds a repeat
+    assert len(keys) == len(set(keys)) == len(expected), keys  # not even the topic holds a repeat
     note = MatchNotification.from_avro(SERDE.decode(MATCH_NOTIFICATION, records[-1][1]))
     assert note.guest_id == "ann" and note.score >= 0.363
-    latencies = sorted(arrived - sent[photo] for kind, data, arrived in sse.events
-                       for photo in [data["photo_id"]] if kind == "match")
-    print(f"\nnotification latency (ingest answered -> SSE event), {len(latencies)} photos: "
-          f"p50 {statistics.median(latencies) * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
 
 
 def test_two_selfies_find_at_least_what_each_finds_alone(
