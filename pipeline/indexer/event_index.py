@@ -201,8 +201,8 @@ class EventIndex:
     def _vector(self, face_id: int) -> np.ndarray:
         try:
             return np.asarray(self.index.reconstruct(face_id), dtype=np.float32)
-        except RuntimeError:  # an IVF index reconstructs by id only with a direct map
-            faiss.extract_index_ivf(self.index).make_direct_map()
+        except RuntimeError:  # an IVF index reconstructs by id only with a direct map (ours are not sequential)
+            faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
             return np.asarray(self.index.reconstruct(face_id), dtype=np.float32)
 
     # -- search ------------------------------------------------------------------

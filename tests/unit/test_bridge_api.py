@@ -27,14 +27,15 @@ class FakeRequester:
     def __init__(self, fail: BaseException | None = None) -> None:
         self.fail, self.published = fail, []  # type: list[tuple[str, bytes]]
 
-    async def publish(self, topic: str, key: bytes, value: bytes | None) -> tuple[int, int]:
+    async def publish(self, topic: str, key: bytes, value: bytes | None,
+                      partition: int | None = None) -> tuple[int, int]:
         if self.fail is not None:
             raise self.fail
         self.published.append((topic, key))
         return 3, len(self.published) - 1
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int, threshold: float | None,
-                    timeout_s: float) -> MatchReply:
+                    timeout_s: float, guest_id: str | None = None) -> MatchReply:
         if self.fail is not None:
             raise self.fail
         raise AssertionError("not used")
