@@ -52,7 +52,7 @@ class GuestTokens:
 
     def check(self, token: str, now_s: float | None = None) -> GuestGrant | None:
         """The grant of a valid, unexpired token; None for anything else (never raises)."""
-        if not token.startswith(TOKEN_PREFIX):
+        if not token.isascii() or not token.startswith(TOKEN_PREFIX):  # real tokens are base64url
             return None
         payload, _, signature = token[len(TOKEN_PREFIX):].partition(".")
         if not hmac.compare_digest(self._sign(payload).encode(), signature.encode("utf-8", "replace")):
