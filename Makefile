@@ -54,7 +54,7 @@ fuzz: models
 
 .PHONY: soak
 soak: $(STAMP)
-	FACEMATCH_FAULT_DURABLE=1 FACEMATCH_FAULT_PHOTOS=$${FACEMATCH_FAULT_PHOTOS:-10000} $(PY) -m pytest -q -s -p no:cacheprovider tests/faults
+	FACEMATCH_FAULT_PHOTOS=$${FACEMATCH_FAULT_PHOTOS:-10000} $(PY) -m pytest -q -s -p no:cacheprovider tests/faults
 
 # Benchmark sizes (documented in BENCHMARKS.md's header): make bench FACEMATCH_BENCH_ENGINE_FACES=20000 ...
 export FACEMATCH_BENCH_MATCH_FACES ?= 10000

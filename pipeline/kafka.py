@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from pipeline.settings import KafkaSettings, RunnerSettings
+
+logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -56,6 +59,22 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     })
     conf.update(overrides)
     return conf
+
+
+def replace_producer(old: Producer, conf: dict[str, Any]) -> Producer:
+    """A new producer in place of a fenced or fatally failed one, which is purged and abandoned.
+
+    An idempotent producer in that state refuses every record from then on. What it still
+    holds is dropped, not delivered late: purge() fails those records' delivery callbacks
+    at once (served by the poll), so their callers redo or report them now.
+    """
+    new = Producer(conf)
+    try:
+        old.purge(in_queue=True, in_flight=True)
+        old.poll(0)
+    except KafkaException as exc:
+        logger.warning("abandoning the old producer: %s", exc)
+    return new
 
 
 @dataclass(frozen=True)

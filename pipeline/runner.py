@@ -34,7 +34,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pipeline.deadletter import DeadLetterSource, dead_letter_output
 from pipeline.delivery import DeliveryFailed, DeliveryTrack
 from pipeline.errors import PoisonRecord, TransientError
-from pipeline.kafka import Output, produce_with_retry
+from pipeline.kafka import Output, produce_with_retry, replace_producer
 from pipeline.metrics import Metrics, Probe
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import RunnerSettings
@@ -398,13 +398,9 @@ class Runner:
         """A fenced or fatally failed idempotent producer refuses everything: start a new one."""
         logger.error("%s: producer unusable (%s): starting a new one", self.stage.name,
                      self._producer_broken or "fenced by the broker")
-        old, self.producer = self.producer, Producer(self._producer_conf)
+        # What the old one still holds is redone through the holds.
+        self.producer = replace_producer(self.producer, self._producer_conf)
         self._producer_broken = None
-        try:  # what it still holds is redone through the holds; drop it rather than deliver it late
-            old.purge(in_queue=True, in_flight=True)
-            old.poll(0)
-        except KafkaException as exc:
-            logger.debug("purging the old producer: %s", exc)
 
     def _store_offsets(self, batch: Sequence[Incoming]) -> None:
         highest: dict[TP, int] = {}

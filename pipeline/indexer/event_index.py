@@ -202,7 +202,7 @@ class EventIndex:
         try:
             return np.asarray(self.index.reconstruct(face_id), dtype=np.float32)
         except RuntimeError:  # an IVF index reconstructs by id only with a direct map (ours are not sequential)
-            faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
+            faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
             return np.asarray(self.index.reconstruct(face_id), dtype=np.float32)
 
     # -- search ------------------------------------------------------------------

@@ -16,7 +16,6 @@ import queue
 import secrets
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +40,7 @@ from pipeline.matcher.replies import (
     claim_reply_partition,
     default_runtime_dir,
     parse_partition_set,
+    reply_consumer_config,
 )
 from pipeline.metrics import create_metrics
 from pipeline.serde import SchemaRegistry
@@ -161,10 +161,7 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
         bridge.bridge_runtime_dir or default_runtime_dir(), kafka.bootstrap_servers, topics.match_replies,
         parse_partition_set(bridge.bridge_reply_partitions, partition_count(admin, topics.match_replies)),
         pinned=bridge.bridge_reply_partition)
-    consumer_conf = {**kafka.to_librdkafka(), "group.id": f"facematch-bridge-{uuid.uuid4().hex[:8]}",
-                     "enable.auto.commit": False, "fetch.wait.max.ms": 5}
-    if os.environ.get("TMP_REPLY_DEBUG"):  # TMP-DEBUG
-        consumer_conf["debug"] = os.environ["TMP_REPLY_DEBUG"]  # TMP-DEBUG
+    consumer_conf = reply_consumer_config(kafka)
     if publish_timeout_s is None:
         publish_timeout_s = bridge.bridge_publish_timeout_s
     # Without message.timeout.ms librdkafka retries for 300 s while the broker is down.
