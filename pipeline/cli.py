@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bulk-ingest": ("pipeline.producers.bulk:main", "publish every photo of one or all events"),
     "photo-worker": ("pipeline.producers.poll_worker:main", "poll Firestore for new photos"),
     "keys": ("pipeline.matcher.auth:keys_main", "API keys: keys hash [KEY] (stdin if no KEY) [--role R]"),
+    "reembed": ("pipeline.reembed:main", "re-embed an event with another model beside the current one, then switch"),
 }
 
 

@@ -69,18 +69,31 @@ def bytes_to_vector(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
-def faces_key(event_id: str, photo_id: str | None) -> bytes:
-    """Compaction key of the faces topic: one per photo, or the event alone."""
-    return (f"{event_id}/{photo_id}" if photo_id else event_id).encode()
+def faces_key(event_id: str, photo_id: str | None, model_id: str | None = None) -> bytes:
+    """Compaction key of the faces topic: one per photo (per photo and model), or the event alone.
+
+    `event/photo/model` keys let a second model's faces of a photo live beside the
+    first's while an event is re-embedded (blue/green; docs/reembed.md).
+    """
+    if not photo_id:
+        return event_id.encode()
+    return (f"{event_id}/{photo_id}/{model_id}" if model_id else f"{event_id}/{photo_id}").encode()
 
 
 def parse_faces_key(key: bytes | None) -> tuple[str, str | None]:
-    """Inverse of faces_key, used for tombstones (which carry no value)."""
+    """Inverse of faces_key without the model, used for tombstones (which carry no value)."""
+    event_id, photo_id, _ = parse_faces_key_model(key)
+    return event_id, photo_id
+
+
+def parse_faces_key_model(key: bytes | None) -> tuple[str, str | None, str | None]:
+    """(event, photo or None, model or None) of a faces key."""
     if not key:
         raise PoisonRecord("invalid_key", "faces record without a key")
     text = key.decode("utf-8", errors="replace")
-    event_id, _, photo_id = text.partition("/")
-    return event_id, (photo_id or None)
+    event_id, _, rest = text.partition("/")
+    photo_id, _, model_id = rest.partition("/")
+    return event_id, (photo_id or None), (model_id or None)
 
 
 @dataclass(frozen=True)
@@ -229,6 +242,7 @@ class MatchReply:
     threshold: float = 0.0
     search_ms: float = 0.0
     newest_face_at: int = 0  # epoch ms: newest occurred_at applied to the event's index; 0 = unknown
+    model_id: str | None = None  # the model of the index that answered
 
     def to_avro(self) -> dict[str, Any]:
         """The dict fastavro writes."""
@@ -236,7 +250,7 @@ class MatchReply:
                 "error": self.error, "index_size": self.index_size,
                 "photos_indexed": self.photos_indexed, "faces_offset": self.faces_offset,
                 "threshold": self.threshold, "search_ms": self.search_ms,
-                "newest_face_at": self.newest_face_at,
+                "newest_face_at": self.newest_face_at, "model_id": self.model_id,
                 "matches": [{"photo_id": m.photo_id, "score": m.score,
                              "faces": [{"bbox": list(f.bbox), "score": f.score} for f in m.faces]}
                             for m in self.matches]}
@@ -251,4 +265,5 @@ class MatchReply:
                    status=data["status"], matches=matches, error=data.get("error"),
                    index_size=data["index_size"], photos_indexed=data["photos_indexed"],
                    faces_offset=data["faces_offset"], threshold=data["threshold"],
-                   search_ms=data["search_ms"], newest_face_at=_ms(data.get("newest_face_at")))
+                   search_ms=data["search_ms"], newest_face_at=_ms(data.get("newest_face_at")),
+                   model_id=data.get("model_id"))

@@ -138,6 +138,9 @@ class EmbedderSettings(BaseSettings):
     embedder_batch_size: int = 16
     embedder_max_side: int = 640
     embedder_metrics_port: int = 0
+    # Keys faces as event/photo/<model id>, so this model's faces live beside another model's on the
+    # compacted faces topic: for embedders that re-embed events with a new model (docs/reembed.md).
+    embedder_model_keys: bool = False
     fetch_allow_list: str = ""
     fetch_connect_timeout_s: float = 3.0
     fetch_read_timeout_s: float = 10.0
@@ -176,6 +179,19 @@ class IndexerSettings(BaseSettings):
     index_probe_fraction: float = 0.15  # ...and at least this share of them (recall as events grow)
     index_regrow_factor: float = 4.0  # retrain once an event has grown this many times past its last build
     index_build_threads: int = 1  # OpenMP threads of the background build; the other core keeps answering
+    # Re-embedding (docs/reembed.md): models whose faces build an event's next index beside the
+    # current one, "model_id:dim,model_id:dim" (e.g. "insightface-buffalo_l:512").
+    extra_models: str = ""
+
+    def extra_model_dims(self) -> tuple[tuple[str, int], ...]:
+        """FACEMATCH_INDEXER_EXTRA_MODELS parsed; ValueError naming the bad entry."""
+        pairs = []
+        for entry in filter(None, (e.strip() for e in self.extra_models.split(","))):
+            model_id, _, dim = entry.rpartition(":")
+            if not model_id or not dim.isdigit() or int(dim) <= 0:
+                raise ValueError(f"FACEMATCH_INDEXER_EXTRA_MODELS: {entry!r} is not model_id:dim")
+            pairs.append((model_id, int(dim)))
+        return tuple(pairs)
 
 
 class BridgeSettings(BaseSettings):

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     start_summaries("embedder", metrics.registry, log_settings.log_summary_interval_s)
     serde = SchemaRegistry.load()
     faces_partitions = partition_count(AdminClient(kafka.to_librdkafka()), topics.faces)
-    stage = EmbedderStage(core, serde, topics.faces, faces_partitions, metrics)
+    stage = EmbedderStage(core, serde, topics.faces, faces_partitions, metrics, embedder.embedder_model_keys)
     runner_settings = runner_settings.model_copy(update={"batch_size": embedder.embedder_batch_size})
     runner = Runner(stage, [topics.photo_events],
                     consumer_config(kafka, embedder.embedder_group, runner_settings),

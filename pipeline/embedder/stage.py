@@ -23,9 +23,11 @@ class EmbedderStage(BaseStage):
     name = "embedder"
 
     def __init__(self, core: EmbedderCore, serde: SchemaRegistry, faces_topic: str,
-                 faces_partitions: int, metrics: Metrics) -> None:
+                 faces_partitions: int, metrics: Metrics, model_keys: bool = False) -> None:
         self.core, self.serde, self.metrics = core, serde, metrics
         self.faces_topic, self.faces_partitions = faces_topic, faces_partitions
+        # Keys end in /<model id> (beside another model's faces while events are re-embedded).
+        self.key_model = core.spec.model_id if model_keys else None
 
     def handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
         """One outcome per record: faces output(s) or the error."""
@@ -57,9 +59,10 @@ class EmbedderStage(BaseStage):
         # The key names the photo (compaction), the partition comes from
         # event_id alone, so an event's faces and queries share a partition.
         if isinstance(change, Tombstone):
-            return Output(self.faces_topic, faces_key(change.event_id, change.photo_id), None,
+            return Output(self.faces_topic, faces_key(change.event_id, change.photo_id, self.key_model), None,
                           partition_for(change.event_id, self.faces_partitions))
         value = self.serde.encode(PHOTO_FACES, change.to_avro())  # type: ignore[attr-defined]
         self.metrics.faces_embedded.inc(len(change.faces))  # type: ignore[attr-defined]
-        return Output(self.faces_topic, faces_key(change.event_id, change.photo_id or None),  # type: ignore[attr-defined]
+        return Output(self.faces_topic,
+                      faces_key(change.event_id, change.photo_id or None, self.key_model),  # type: ignore[attr-defined]
                       value, partition_for(change.event_id, self.faces_partitions))  # type: ignore[attr-defined]

@@ -31,6 +31,15 @@ class IndexerConfig:
     default_threshold: float
     max_top_k: int = 1000
     index: IndexOptions = IndexOptions()  # when an event moves to an approximate index
+    # Other models whose faces may build an event's index beside the current one (re-embedding,
+    # docs/reembed.md): (model_id, dim) pairs. Each index holds one model; a query is answered
+    # only by the index of its own model.
+    extra_models: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def accepted(self) -> dict[str, int]:
+        """Every model served, with its dimension."""
+        return {self.model_id: self.dim, **dict(self.extra_models)}
 
 
 @dataclass
@@ -38,7 +47,8 @@ class Changes:
     """What the indexer publishes after applying one record (all keyed by the record's event)."""
 
     erased_photos: list[str] = field(default_factory=list)  # faces tombstones (event delete)
-    rewrites: list[PhotoFaces] = field(default_factory=list)  # photos republished without erased faces
+    # Photos republished without erased faces, with the tail of their key (after `event/`).
+    rewrites: list[tuple[str, PhotoFaces]] = field(default_factory=list)
     notifications: list[MatchNotification] = field(default_factory=list)
     withdrawn: list[tuple[str, str]] = field(default_factory=list)  # (guest, photo) notifications to tombstone
     guests: list[GuestRecord] = field(default_factory=list)  # FORGET records resolved with their template
@@ -57,15 +67,18 @@ class IndexerCore:
         self.partitions: dict[int, PartitionState] = {}
 
     def apply_faces(self, partition: int, offset: int, event_id: str, photo_id: str | None,
-                    faces: PhotoFaces | None, again: bool = False) -> Changes:
+                    faces: PhotoFaces | None, again: bool = False, key_model: str | None = None) -> Changes:
         """Apply one faces-topic record (faces=None is a tombstone: delete the photo).
 
         The changes name what to publish: a tombstone per photo an event delete
         removed (so compaction erases its faces on the topic too), photos
         republished without a forgotten guest's faces, and notifications to the
-        enrolled guests a new photo shows.
+        enrolled guests a new photo shows. `key_model`: the key ended in /<model>.
         """
-        return self._apply(self._state(partition), offset, event_id, photo_id, faces, again)
+        state = self._state(partition)
+        if faces is not None and faces.op == "ACTIVATE_MODEL":
+            return self._activate(state, event_id, faces.model_id)
+        return self._apply(state, offset, event_id, photo_id, faces, again, key_model)
 
     def cover(self, partition: int, offset: int) -> None:
         """Mark a faces offset as handled, applied or rejected (replay moves past it)."""
@@ -78,40 +91,51 @@ class IndexerCore:
         return self.partitions.setdefault(partition, PartitionState(partition))
 
     def _apply(self, state: PartitionState, offset: int, event_id: str, photo_id: str | None,
-               faces: PhotoFaces | None, again: bool) -> Changes:
+               faces: PhotoFaces | None, again: bool, key_model: str | None) -> Changes:
         changes = Changes()
         guests = state.guests.get(event_id)
         if faces is None:
             if photo_id:
-                self._delete_photo(state, offset, event_id, photo_id)
-                if guests is not None:
+                tail = photo_id if key_model is None else f"{photo_id}/{key_model}"
+                staged = state.staged.get(event_id)
+                if staged is not None and staged.key_tail(photo_id) == tail:
+                    staged.delete(photo_id)
+                    return changes
+                if self._delete_photo(state, offset, event_id, photo_id, tail) and guests is not None:
                     changes.withdrawn = [(g, photo_id) for g in guests.withdraw_photo(photo_id)]
             return changes
         if faces.op == "DELETE_EVENT":
             changes.erased_photos = self._delete_event(state, offset, event_id)
+            staged = state.staged.pop(event_id, None)
+            if staged is not None:
+                changes.erased_photos += [staged.key_tail(p) for p in sorted(staged.photo_faces)]
             if guests is not None:  # the event's guests, their selfies and notifications go with it
                 del state.guests[event_id]
                 changes.withdrawn = [(g, p) for g, photos in sorted(guests.notified.items()) for p in sorted(photos)]
                 changes.erased_guests = sorted(set(guests.enrolled) | set(guests.excluded))
             return changes
-        if state.superseded(offset, event_id, faces.photo_id):
-            return changes  # older than a delete this state has seen: never bring it back
         self._check_model(faces)
-        index = state.events.get(event_id)
-        if index is not None and index.model_id != faces.model_id:
-            raise PoisonRecord("model_mismatch", f"event {event_id} is indexed with {index.model_id}; "
-                               f"faces of {faces.model_id} cannot join it")
-        if index is None:
-            index = state.events[event_id] = EventIndex(self.config.dim, faces.model_id, self.config.index)
+        if key_model is not None and key_model != faces.model_id:
+            raise PoisonRecord("invalid_key", f"faces of {faces.model_id} under a key for {key_model}")
+        tail = faces.photo_id if key_model is None else f"{faces.photo_id}/{key_model}"
+        if state.superseded(offset, event_id, tail):
+            return changes  # older than a delete this state has seen: never bring it back
+        if faces.model_id in state.retired.get(event_id, ()):
+            changes.erased_photos = [tail]  # the event switched away from this model: gone from the topic too
+            return changes
+        index = self._route(state, event_id, faces.model_id, key_model is not None)
+        if index is not state.events.get(event_id):  # staged: nobody matches against it yet
+            index.upsert(faces.photo_id, faces.faces, faces.occurred_at, faces.image_url)
+            return changes
         if guests is not None and guests.excluded and faces.faces:
-            drop = guests.excluded_rows(np.stack([f.embedding for f in faces.faces]))
+            drop = guests.excluded_rows(np.stack([f.embedding for f in faces.faces]), index.model_id)
             if drop.any():  # a forgotten guest's face: never indexed, and gone from the topic too
                 faces = replace(faces, faces=[f for f, d in zip(faces.faces, drop.tolist()) if not d])
-                changes.rewrites.append(faces)
+                changes.rewrites.append((tail, faces))
         index.upsert(faces.photo_id, faces.faces, faces.occurred_at, faces.image_url)
-        state.deleted_photos.pop(photo_key(event_id, faces.photo_id), None)
+        state.deleted_photos.pop(photo_key(event_id, tail), None)
         if guests is not None:
-            for guest_id, match in guests.match_photo(faces.photo_id, faces.faces, again):
+            for guest_id, match in guests.match_photo(faces.photo_id, faces.faces, again, index.model_id):
                 changes.notifications.append(self._notification(event_id, guest_id, match, faces.occurred_at))
         return changes
 
@@ -132,7 +156,7 @@ class IndexerCore:
         elif record.op == "ENROL":
             selfies = self._checked_selfies(record, minimum=1)
             guests.excluded.pop(guest_id, None)  # enrolling again is opting back in
-            guests.enrolled[guest_id] = Template(selfies, self._threshold(record.threshold))
+            guests.enrolled[guest_id] = Template(selfies, self._threshold(record.threshold), record.model_id)
             for match in guests.unpushed(guest_id, state.events.get(event_id), again):
                 changes.notifications.append(self._notification(event_id, guest_id, match, 0))
         else:
@@ -148,34 +172,38 @@ class IndexerCore:
         selfies = self._checked_selfies(record, minimum=0)
         if len(selfies) == 0 and enrolled is not None:
             selfies = enrolled.selfies
-            changes.guests.append(replace(record, selfies=selfies, model_id=self.config.model_id,
-                                          dim=self.config.dim))
+            changes.guests.append(replace(record, selfies=selfies, model_id=enrolled.model_id,
+                                          dim=int(enrolled.selfies.shape[1])))
         changes.withdrawn = [(record.guest_id, p) for p in guests.withdraw(record.guest_id)]
         if len(selfies) == 0:
             guests.excluded.pop(record.guest_id, None)
             return  # nothing known of the face: nothing to keep out
-        template = Template(selfies, self._threshold(record.threshold))
+        template = Template(selfies, self._threshold(record.threshold),
+                            enrolled.model_id if enrolled is not None and not len(record.selfies) else record.model_id)
         guests.excluded[record.guest_id] = template
         index = state.events.get(record.event_id)
-        if record.erase_faces and index is not None:
+        if record.erase_faces and index is not None and index.model_id == template.model_id:
             for photo_id, remaining in index.erase_matching(template.selfies, template.threshold).items():
-                changes.rewrites.append(PhotoFaces(event_id=record.event_id, photo_id=photo_id,
-                                                   model_id=index.model_id, dim=index.dim, faces=remaining,
-                                                   image_url=index.photo_url.get(photo_id)))
+                changes.rewrites.append((index.key_tail(photo_id), PhotoFaces(
+                    event_id=record.event_id, photo_id=photo_id, model_id=index.model_id, dim=index.dim,
+                    faces=remaining, image_url=index.photo_url.get(photo_id))))
 
     def _checked_selfies(self, record: GuestRecord, minimum: int) -> np.ndarray:
-        if record.model_id != self.config.model_id or record.dim != self.config.dim:
+        if self.config.accepted.get(record.model_id) != record.dim:
             raise PoisonRecord("model_mismatch", f"guest {record.guest_id} enrolled with {record.model_id} "
-                               f"({record.dim}-d); this indexer serves {self.config.model_id} ({self.config.dim}-d)")
+                               f"({record.dim}-d); this indexer serves {self._served()}")
         if not minimum <= len(record.selfies) <= MAX_SELFIES:
             raise PoisonRecord("invalid_guest", f"guest {record.guest_id} has {len(record.selfies)} selfies; "
                                f"{minimum} to {MAX_SELFIES} allowed")
         for row in record.selfies:
             try:
-                normalize_embedding(row, self.config.dim, "selfies")
+                normalize_embedding(row, record.dim, "selfies")
             except InvalidEmbedding as exc:
                 raise PoisonRecord("invalid_embedding", f"guest {record.guest_id}: {exc}") from exc
-        return normalized_rows(record.selfies, self.config.dim)
+        return normalized_rows(record.selfies, record.dim)
+
+    def _served(self) -> str:
+        return ", ".join(f"{model} ({dim}-d)" for model, dim in self.config.accepted.items())
 
     def _threshold(self, threshold: float | None) -> float:
         return self.config.default_threshold if threshold is None else float(threshold)
@@ -193,11 +221,11 @@ class IndexerCore:
         elif record.op == "ENROL":
             guests.excluded.pop(guest_id, None)
             guests.enrolled[guest_id] = Template(self._checked_selfies(record, minimum=1),
-                                                 self._threshold(record.threshold))
+                                                 self._threshold(record.threshold), record.model_id)
         else:
             selfies = self._checked_selfies(record, minimum=0)
             if len(selfies):
-                guests.excluded[guest_id] = Template(selfies, self._threshold(record.threshold))
+                guests.excluded[guest_id] = Template(selfies, self._threshold(record.threshold), record.model_id)
 
     def restore_notification(self, partition: int, event_id: str, guest_id: str, photo_id: str,
                              present: bool) -> None:
@@ -222,26 +250,76 @@ class IndexerCore:
         return found
 
     def _check_model(self, faces: PhotoFaces) -> None:
-        if faces.model_id != self.config.model_id:
+        dim = self.config.accepted.get(faces.model_id)
+        if dim is None:
             raise PoisonRecord("model_mismatch", f"faces of {faces.model_id} ({faces.dim}-d); this indexer "
-                               f"serves {self.config.model_id} ({self.config.dim}-d)")
-        if faces.dim != self.config.dim:
+                               f"serves {self._served()}")
+        if faces.dim != dim:
             raise PoisonRecord("dim_mismatch", f"faces of {faces.model_id} have dim {faces.dim}; "
-                               f"this indexer serves {self.config.model_id} ({self.config.dim}-d)")
+                               f"this indexer serves {self._served()}")
+
+    # -- re-embedding (blue/green by model) ----------------------------------------
+    def _route(self, state: PartitionState, event_id: str, model_id: str, keyed: bool) -> EventIndex:
+        """The index a face record of this model joins: the answering one, or the one built beside it."""
+        active, staged = state.events.get(event_id), state.staged.get(event_id)
+        for index in (active, staged):
+            if index is not None and index.model_id == model_id:
+                if index.keyed_by_model != keyed:
+                    raise PoisonRecord("invalid_key", f"faces of {model_id} for event {event_id} arrive under "
+                                       f"{'model' if keyed else 'plain'} keys; the index has the other kind")
+                return index
+        new = EventIndex(self.config.accepted[model_id], model_id, self.config.index, keyed_by_model=keyed)
+        if active is None and model_id == self.config.model_id:
+            state.events[event_id] = new
+            return new
+        if staged is not None:
+            raise PoisonRecord("model_mismatch", f"event {event_id} is being re-embedded with {staged.model_id}; "
+                               f"faces of {model_id} cannot join it")
+        other = active
+        if other is not None and other.keyed_by_model == keyed:
+            raise PoisonRecord("invalid_key", f"faces of {model_id} and {other.model_id} of event {event_id} would "
+                               "share keys (compaction keeps one): run the re-embedding embedders with "
+                               "FACEMATCH_EMBEDDER_MODEL_KEYS=1")
+        state.staged[event_id] = new
+        return new
+
+    def _activate(self, state: PartitionState, event_id: str, model_id: str) -> Changes:
+        """Answer the event's queries from its staged index of `model_id`; drop the old one."""
+        staged = state.staged.get(event_id)
+        if staged is None or staged.model_id != model_id:
+            raise PoisonRecord("nothing_staged", f"event {event_id} has no index of {model_id} to switch to")
+        guests = state.guests.get(event_id)
+        if guests is not None and guests.excluded:
+            raise PoisonRecord("exclusions_block_switch", f"event {event_id} has {len(guests.excluded)} forgotten "
+                               f"guests whose faces are known only to the current model; the new index would "
+                               f"show them again")
+        old = state.events.get(event_id)
+        state.events[event_id] = state.staged.pop(event_id)
+        changes = Changes()
+        if old is not None:
+            state.retired.setdefault(event_id, []).append(old.model_id)
+            changes.erased_photos = [old.key_tail(p) for p in sorted(old.photo_faces)]
+        if guests is not None:
+            for guest_id in sorted(guests.enrolled):
+                for match in guests.unpushed(guest_id, state.events[event_id]):
+                    changes.notifications.append(self._notification(event_id, guest_id, match, 0))
+        return changes
 
     @staticmethod
-    def _delete_photo(state: PartitionState, offset: int, event_id: str, photo_id: str) -> None:
+    def _delete_photo(state: PartitionState, offset: int, event_id: str, photo_id: str, tail: str) -> bool:
+        """Delete from the answering index; True if the photo was there."""
         pending = state.pending_tombstones.get(event_id)
         if pending is not None:
-            pending.discard(photo_id)  # our tombstone is on the topic now
+            pending.discard(tail)  # our tombstone is on the topic now
             if not pending:
                 del state.pending_tombstones[event_id]
         index = state.events.get(event_id)
-        if index is None or not index.delete(photo_id):
-            return
-        state.deleted_photos[photo_key(event_id, photo_id)] = offset
-        if index.photos == 0:
+        if index is None or index.key_tail(photo_id) != tail or not index.delete(photo_id):
+            return False
+        state.deleted_photos[photo_key(event_id, tail)] = offset
+        if index.photos == 0 and event_id not in state.retired:
             del state.events[event_id]
+        return True
 
     @staticmethod
     def _delete_event(state: PartitionState, offset: int, event_id: str) -> list[str]:
@@ -249,7 +327,8 @@ class IndexerCore:
         # still pending again. Replay from a snapshot re-applies it: photos the
         # snapshot still holds get tombstones again, photos already gone get none.
         index = state.events.pop(event_id, None)
-        erased = set(index.photo_faces) if index is not None else set()
+        state.retired.pop(event_id, None)
+        erased = {index.key_tail(p) for p in index.photo_faces} if index is not None else set()
         erased |= state.pending_tombstones.get(event_id, set())
         if erased:
             state.pending_tombstones[event_id] = erased
@@ -268,11 +347,14 @@ class IndexerCore:
         threshold = self.config.default_threshold if request.threshold is None else float(request.threshold)
         reply = MatchReply(request_id=request.request_id, event_id=request.event_id, status="ERROR",
                            faces_offset=offset, threshold=threshold)
-        problem = self._check(request)
+        # An event answers in its index's model only: a query of another model gets an error, never scores.
+        model_id = request.model_id or (index.model_id if index is not None and request.guest_id else
+                                        self.config.model_id)
+        problem = self._check(request, model_id, index)
         if problem:
             return replace(reply, error=problem)
         if index is not None:
-            reply = replace(reply, newest_face_at=index.newest_at)
+            reply = replace(reply, newest_face_at=index.newest_at, model_id=index.model_id)
         guests = state.guests.get(request.event_id) if state else None
         template = None
         if request.guest_id is not None:
@@ -280,6 +362,10 @@ class IndexerCore:
             if template is None:
                 return replace(reply, error=f"{GUEST_NOT_ENROLLED}: guest {request.guest_id} of event "
                                             f"{request.event_id}")
+            if index is not None and template.model_id != index.model_id:
+                return replace(reply, error=f"{MODEL_MISMATCH}: guest {request.guest_id} enrolled selfies of "
+                                            f"{template.model_id}; the event is indexed with {index.model_id}: "
+                                            "enrol again")
             if request.threshold is None:
                 reply = replace(reply, threshold=template.threshold)
         if index is None or index.size == 0:
@@ -287,9 +373,9 @@ class IndexerCore:
         if template is not None:
             matches = search_with_set(index, template.selfies, request.top_k, reply.threshold)
         else:
-            query = normalize_embedding(request.embedding, self.config.dim)
+            query = normalize_embedding(request.embedding, index.dim)
             # A forgotten guest's face finds nothing, whoever asks.
-            excluded = guests is not None and guests.query_excluded(query)
+            excluded = guests is not None and guests.query_excluded(query, index.model_id)
             matches = [] if excluded else index.search(query, request.top_k, threshold)
         return replace(reply, status="OK", matches=matches, index_size=index.size, photos_indexed=index.photos,
                        search_ms=(time.perf_counter() - started) * 1000)
@@ -299,15 +385,16 @@ class IndexerCore:
         return MatchReply(request_id=request.request_id, event_id=request.event_id,
                           status="ERROR", error=message)
 
-    def _check(self, request: MatchRequest) -> str | None:
-        if request.model_id is not None and request.model_id != self.config.model_id:
-            return (f"{MODEL_MISMATCH}: the query was embedded with {request.model_id}; this event is "
-                    f"indexed with {self.config.model_id}")
+    def _check(self, request: MatchRequest, model_id: str, index: EventIndex | None) -> str | None:
+        indexed_with = index.model_id if index is not None else None
+        if model_id not in self.config.accepted or indexed_with not in (None, model_id):
+            return (f"{MODEL_MISMATCH}: the query was embedded with {model_id}; this event is "
+                    f"indexed with {indexed_with or self.config.model_id}")
         try:
             if request.guest_id is None:
-                normalize_embedding(request.embedding, self.config.dim, "user_embedding")
+                normalize_embedding(request.embedding, self.config.accepted[model_id], "user_embedding")
         except InvalidEmbedding as exc:
-            return f"{exc} (model {self.config.model_id})"
+            return f"{exc} (model {model_id})"
         if not 1 <= request.top_k <= self.config.max_top_k:
             return f"top_k must be between 1 and {self.config.max_top_k}"
         if request.threshold is not None and not -1.0 <= request.threshold <= 1.0:

@@ -25,8 +25,11 @@ BOX = 4  # x, y, w, h
 class EventIndex:
     """FAISS index (IndexIDMap2 over IndexFlatIP, or IVF-SQ8) plus the face -> photo mapping."""
 
-    def __init__(self, dim: int, model_id: str, options: IndexOptions | None = None) -> None:
+    def __init__(self, dim: int, model_id: str, options: IndexOptions | None = None,
+                 keyed_by_model: bool = False) -> None:
         self.dim, self.model_id = dim, model_id
+        # Its photos' faces keys end in /<model_id> (written beside another model's: re-embedding).
+        self.keyed_by_model = keyed_by_model
         self.options = options or IndexOptions()
         self.index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))  # FAISS stubs reject numpy ids
         self.next_id = 0
@@ -43,6 +46,10 @@ class EventIndex:
         # Newest occurred_at (epoch ms) of the photos upserted: the index's freshness.
         # Deletes leave it: it says how recent the applied data is, not what remains.
         self.newest_at = 0
+
+    def key_tail(self, photo_id: str) -> str:
+        """The part of this photo's faces key after `event/`."""
+        return f"{photo_id}/{self.model_id}" if self.keyed_by_model else photo_id
 
     @property
     def size(self) -> int:
@@ -252,6 +259,7 @@ class EventIndex:
         """
         slots = len(self._slot_photo)
         meta = {"dim": self.dim, "model_id": self.model_id, "next_id": self.next_id,
+                "keyed_by_model": self.keyed_by_model,
                 "newest_at": self.newest_at, "built_at": self.built_at,
                 "slot_photos": list(self._slot_photo), "photo_url": self.photo_url,
                 "arrays": {"face_slot": self.face_slot[:self.next_id], "face_bbox": self.face_bbox[:self.next_id],
@@ -262,7 +270,7 @@ class EventIndex:
     def from_snapshot(cls, blob: np.ndarray, meta: dict[str, Any],
                       options: IndexOptions | None = None) -> EventIndex:
         """Inverse of to_snapshot; also reads the per-face JSON of snapshot versions 1 and 2."""
-        index = cls(int(meta["dim"]), str(meta["model_id"]), options)
+        index = cls(int(meta["dim"]), str(meta["model_id"]), options, bool(meta.get("keyed_by_model", False)))
         index.index = faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))
         if isinstance(index.index, faiss.IndexIVF):
             index.index.nprobe = probes(int(index.index.nlist), index.options)

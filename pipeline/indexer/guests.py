@@ -28,6 +28,7 @@ class Template:
 
     selfies: np.ndarray
     threshold: float
+    model_id: str = ""  # the model of the selfies: they are compared with that model's faces only
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         """Best similarity of each row of `vectors` to any selfie (max over selfies)."""
@@ -50,18 +51,20 @@ class EventGuests:
         """Nothing left to keep for this event."""
         return not (self.enrolled or self.excluded or any(self.notified.values()))
 
-    def excluded_rows(self, vectors: np.ndarray) -> np.ndarray:
-        """Which faces belong to a guest who asked to be forgotten."""
+    def excluded_rows(self, vectors: np.ndarray, model_id: str) -> np.ndarray:
+        """Which faces (of `model_id`) belong to a guest who asked to be forgotten."""
         hit = np.zeros(len(vectors), dtype=bool)
         for template in self.excluded.values():
-            hit |= template.scores(vectors) >= template.threshold
+            if template.model_id == model_id:
+                hit |= template.scores(vectors) >= template.threshold
         return hit
 
-    def query_excluded(self, query: np.ndarray) -> bool:
+    def query_excluded(self, query: np.ndarray, model_id: str) -> bool:
         """True when a query face is an excluded guest's: it must find nothing."""
-        return bool(self.excluded_rows(np.asarray(query, dtype=np.float32).reshape(1, -1))[0])
+        return bool(self.excluded_rows(np.asarray(query, dtype=np.float32).reshape(1, -1), model_id)[0])
 
-    def match_photo(self, photo_id: str, faces: list[Face], again: bool = False) -> list[tuple[str, PhotoMatch]]:
+    def match_photo(self, photo_id: str, faces: list[Face], again: bool = False,
+                    model_id: str = "") -> list[tuple[str, PhotoMatch]]:
         """Enrolled guests this photo shows and has not been pushed to yet; marks them pushed.
 
         `again`: the record is handled a second time (its outputs were not delivered):
@@ -73,6 +76,8 @@ class EventGuests:
         vectors = np.stack([np.asarray(f.embedding, dtype=np.float32) for f in faces])
         found = []
         for guest_id, template in sorted(self.enrolled.items()):
+            if template.model_id != model_id:
+                continue  # selfies of another model (the event was re-embedded): enrol again
             if photo_id in self.notified.get(guest_id, ()) and not again:
                 continue
             scores = template.scores(vectors)
@@ -87,7 +92,7 @@ class EventGuests:
     def unpushed(self, guest_id: str, index: EventIndex | None, again: bool = False) -> list[PhotoMatch]:
         """Photos already indexed that match the guest and were never pushed (`again`: all); marks them pushed."""
         template = self.enrolled.get(guest_id)
-        if template is None or index is None or index.size == 0:
+        if template is None or index is None or index.size == 0 or template.model_id != index.model_id:
             return []
         pushed = self.notified.setdefault(guest_id, set())
         fresh = [m for m in search_with_set(index, template.selfies, index.photos, template.threshold)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     options = IndexOptions(promote_at=settings.index_promote_at, nprobe=settings.index_nprobe,
                            probe_fraction=settings.index_probe_fraction,
                            regrow_factor=settings.index_regrow_factor, build_threads=settings.index_build_threads)
-    core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold, settings.max_top_k, options))
+    core = IndexerCore(IndexerConfig(spec.dim, spec.model_id, spec.default_threshold, settings.max_top_k, options,
+                                     extra_models=settings.extra_model_dims()))
     restore_conf = kafka.to_librdkafka()
     stage = IndexerStage(core, serde, topics, partitions, settings, metrics,
                          restore=lambda tps: read_to_end(restore_conf, tps))

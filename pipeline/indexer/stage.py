@@ -35,7 +35,7 @@ from pipeline.indexer.core import Changes, IndexerCore
 from pipeline.indexer.state import load_snapshot, remove_stale_snapshots, save_snapshot, snapshot_path
 from pipeline.kafka import Output
 from pipeline.metrics import Metrics, Probe
-from pipeline.records import MatchRequest, PhotoFaces, check_id, faces_key, now_ms, parse_faces_key
+from pipeline.records import MatchRequest, PhotoFaces, check_id, faces_key, now_ms, parse_faces_key_model
 from pipeline.restore import TP, Restored
 from pipeline.serde import GUEST, MATCH_NOTIFICATION, MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
@@ -98,19 +98,19 @@ class IndexerStage(BaseStage):
         state = self.core.partitions.get(item.partition)
         again = state is not None and item.offset < state.next_offset  # redone: outputs were not delivered
         try:
-            event_id, photo_id = parse_faces_key(item.key)
+            event_id, photo_id, key_model = parse_faces_key_model(item.key)
             self._check_partition(event_id, item.partition)
             faces = None
             if item.value is not None:
                 faces = PhotoFaces.from_avro(self.serde.decode(PHOTO_FACES, item.value))
-            changes = self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces, again)
+            changes = self.core.apply_faces(item.partition, item.offset, event_id, photo_id, faces, again, key_model)
             self._observe_searchable(item.partition, event_id, faces)
         finally:
             self.core.cover(item.partition, item.offset)
             if item.partition in self.replaying:
                 self.metrics.replay_records.inc()
-        if changes.erased_photos:
-            logger.info("event %s deleted: tombstoning %d photos", event_id, len(changes.erased_photos))
+        if changes.erased_photos and faces is not None and faces.op != "UPSERT":
+            logger.info("event %s: %s, tombstoning %d photos", event_id, faces.op.lower(), len(changes.erased_photos))
         live = faces is not None and item.partition not in self.replaying and faces.occurred_at > 0
         for _ in changes.notifications:
             if live and faces is not None:
@@ -151,8 +151,8 @@ class IndexerStage(BaseStage):
         topics, encode = self.topics, self.serde.encode
         outputs = [Output(topics.faces, faces_key(event_id, photo), None, partition)
                    for photo in changes.erased_photos]
-        outputs += [Output(topics.faces, faces_key(event_id, f.photo_id), encode(PHOTO_FACES, f.to_avro()),
-                           partition) for f in changes.rewrites]
+        outputs += [Output(topics.faces, faces_key(event_id, tail), encode(PHOTO_FACES, f.to_avro()), partition)
+                    for tail, f in changes.rewrites]
         outputs += [Output(topics.guests, guest_key(event_id, g), None, partition) for g in changes.erased_guests]
         outputs += [Output(topics.guests, guest_key(event_id, g.guest_id), encode(GUEST, g.to_avro()), partition)
                     for g in changes.guests]
@@ -216,7 +216,8 @@ class IndexerStage(BaseStage):
             topic = self.topics.faces
             path = snapshot_path(self.settings.state_dir, topic, partition)
             state = load_snapshot(path, partition, self.core.config.dim, self.core.config.model_id,
-                                  SNAPSHOT_MAX_AGE_S, options=self.core.config.index)
+                                  SNAPSHOT_MAX_AGE_S, options=self.core.config.index,
+                                  accepted=self.core.config.accepted)
             if state is None:
                 self.core.drop(partition)
                 starts[(topic, partition)] = OFFSET_BEGINNING

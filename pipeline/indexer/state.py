@@ -53,6 +53,10 @@ class PartitionState:
     # Enrolled guests, exclusions and what was pushed: rebuilt from the guests and
     # match-notifications topics on assignment, never snapshotted.
     guests: dict[str, EventGuests] = field(default_factory=dict)
+    # Re-embedding: an event's index of another model, built beside the one that answers until
+    # ACTIVATE_MODEL swaps them; and the models an event switched away from (their records are dropped).
+    staged: dict[str, EventIndex] = field(default_factory=dict)
+    retired: dict[str, list[str]] = field(default_factory=dict)
     next_offset: int = 0  # next faces offset to apply; snapshot covers [0, next_offset)
     last_applied: int = -1
     dirty_records: int = 0
@@ -79,8 +83,11 @@ def save_snapshot(state: PartitionState, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
     events_meta = []
-    for i, (event_id, index) in enumerate(sorted(state.events.items())):
+    indexes = [(e, i, False) for e, i in sorted(state.events.items())]
+    indexes += [(e, i, True) for e, i in sorted(state.staged.items())]
+    for i, (event_id, index, staged) in enumerate(indexes):
         blob, meta = index.to_snapshot()
+        meta["staged"] = staged
         arrays[f"index_{i}"] = blob
         for name, array in meta.pop("arrays", {}).items():
             arrays[f"event_{i}_{name}"] = array
@@ -89,7 +96,8 @@ def save_snapshot(state: PartitionState, path: Path) -> None:
     header = {"version": SNAPSHOT_VERSION, "partition": state.partition,
               "next_offset": state.next_offset, "last_applied": state.last_applied,
               "saved_at_ms": int(time.time() * 1000), "events": events_meta,
-              "deleted_events": state.deleted_events, "deleted_photos": state.deleted_photos}
+              "deleted_events": state.deleted_events, "deleted_photos": state.deleted_photos,
+              "retired": state.retired}
     arrays["header"] = dumps_meta(header)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with tmp.open("wb") as handle:
@@ -102,10 +110,12 @@ def save_snapshot(state: PartitionState, path: Path) -> None:
 
 
 def load_snapshot(path: Path, partition: int, dim: int, model_id: str | None = None,
-                  max_age_s: float | None = None, options: IndexOptions | None = None) -> PartitionState | None:
+                  max_age_s: float | None = None, options: IndexOptions | None = None,
+                  accepted: dict[str, int] | None = None) -> PartitionState | None:
     """The saved state, or None if absent/unreadable/too old/for another model (then replay).
 
-    `options` set how the loaded events grow (promotion to an approximate index).
+    `options` set how the loaded events grow (promotion to an approximate index);
+    `accepted` (model id -> dim) are the models served, by default `model_id` alone.
     """
     if not path.exists():
         return None
@@ -115,20 +125,24 @@ def load_snapshot(path: Path, partition: int, dim: int, model_id: str | None = N
             if header.get("version") not in READABLE_VERSIONS:
                 raise ValueError(f"snapshot version {header.get('version')}")
             _check_age(header, path, max_age_s)
-            events = {}
+            events: dict[str, EventIndex] = {}
+            staged: dict[str, EventIndex] = {}
+            known = accepted if accepted else ({model_id: dim} if model_id is not None else None)
             for i, meta in enumerate(header["events"]):
-                if int(meta["dim"]) != dim:
-                    raise ValueError(f"snapshot dim {meta['dim']} != model dim {dim}")
-                if model_id is not None and meta["model_id"] != model_id:
-                    raise ValueError(f"snapshot model {meta['model_id']} != {model_id}")
+                if known is not None and meta["model_id"] not in known:
+                    raise ValueError(f"snapshot model {meta['model_id']} is not served ({sorted(known)})")
+                if int(meta["dim"]) != (known[meta["model_id"]] if known is not None else dim):
+                    raise ValueError(f"snapshot dim {meta['dim']} != model dim")
                 names = meta.pop("array_names", None)
                 if names is not None:
                     meta["arrays"] = {name: data[f"event_{i}_{name}"] for name in names}
-                events[meta["event_id"]] = EventIndex.from_snapshot(data[f"index_{i}"], meta, options)
+                into = staged if meta.get("staged") else events
+                into[meta["event_id"]] = EventIndex.from_snapshot(data[f"index_{i}"], meta, options)
     except Exception as exc:  # a bad snapshot only costs a replay
         logger.warning("ignoring snapshot %s (%s); replaying the faces topic", path, exc)
         return None
-    return PartitionState(partition=partition, events=events,
+    return PartitionState(partition=partition, events=events, staged=staged,
+                          retired={str(k): [str(m) for m in v] for k, v in header.get("retired", {}).items()},
                           deleted_events={str(k): int(v) for k, v in header.get("deleted_events", {}).items()},
                           deleted_photos={str(k): int(v) for k, v in header.get("deleted_photos", {}).items()},
                           next_offset=int(header["next_offset"]),

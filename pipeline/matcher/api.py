@@ -252,8 +252,12 @@ async def _match(services: BridgeServices, event_id: str, vector: np.ndarray, to
                  threshold: float | None, guest_id: str | None = None) -> Response:
     started = time.perf_counter()
     try:
+        # The bridge's model made the embedding (selfies, and V1 descriptors clients send back): the
+        # indexer answers only from an index of that model. Without a model, the indexer's own is assumed.
+        model_id = services.spec.model_id if services.spec.name != "none" and guest_id is None else None
         reply = await services.requester.match(event_id, vector, top_k, threshold,
-                                               services.settings.bridge_timeout_s, guest_id=guest_id)
+                                               services.settings.bridge_timeout_s, guest_id=guest_id,
+                                               model_id=model_id)
     except PublishFailed as exc:
         raise _unavailable(exc) from exc
     except ReplyTimeout as exc:
@@ -267,7 +271,7 @@ async def _match(services: BridgeServices, event_id: str, vector: np.ndarray, to
     body = {"event_id": event_id, "matches": matches, "count": len(matches),
             "event_has_faces": reply.status == "OK", "index_size": reply.index_size,
             "photos_indexed": reply.photos_indexed, "faces_offset": reply.faces_offset,
-            "newest_face_at": iso_utc(reply.newest_face_at),
+            "newest_face_at": iso_utc(reply.newest_face_at), "model": reply.model_id,
             "threshold": reply.threshold, "search_ms": reply.search_ms,
             "took_ms": (time.perf_counter() - started) * 1000}
     # Serialized directly: the shape is MatchOut (documented), validating it again costs time.

@@ -211,7 +211,8 @@ class KafkaRequester:
             self.claim.release()
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int,
-                    threshold: float | None, timeout_s: float, guest_id: str | None = None) -> MatchReply:
+                    threshold: float | None, timeout_s: float, guest_id: str | None = None,
+                    model_id: str | None = None) -> MatchReply:
         """Send one request and wait for its reply; PublishFailed or ReplyTimeout otherwise."""
         request_id = uuid.uuid4().hex
         correlation = request_id.encode()
@@ -229,7 +230,7 @@ class KafkaRequester:
         with self._lock:
             self._pending[correlation] = (loop, future)
         request = MatchRequest(request_id=request_id, event_id=event_id, embedding=embedding,
-                               top_k=top_k, threshold=threshold, guest_id=guest_id,
+                               top_k=top_k, threshold=threshold, guest_id=guest_id, model_id=model_id,
                                deadline_ms=now_ms() + int(timeout_s * 1000))
         headers = [(CORRELATION, correlation), (REPLY_TOPIC, self.reply_topic.encode()),
                    (REPLY_PARTITION, struct.pack(">i", self.reply_partition))]

@@ -123,6 +123,8 @@ class MatchOut(BaseModel):
         description="ISO-8601 UTC: the newest occurred_at (the photo event's time) of the photos "
                     "applied to this event's index, with or without faces: how recent the data "
                     "answering is. null: no photo applied yet, or none carried a time")
+    model: str | None = Field(None, description="Model of the index that answered; null when the event "
+                                                "has no index yet")
     threshold: float
     search_ms: float
     took_ms: float

@@ -35,7 +35,7 @@ class FakeRequester:
         return 3, len(self.published) - 1
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int, threshold: float | None,
-                    timeout_s: float, guest_id: str | None = None) -> MatchReply:
+                    timeout_s: float, guest_id: str | None = None, model_id: str | None = None) -> MatchReply:
         if self.fail is not None:
             raise self.fail
         raise AssertionError("not used")

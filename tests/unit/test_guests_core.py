@@ -235,7 +235,8 @@ def test_forget_with_erase_withdraws_erases_and_keeps_the_face_out(core: Indexer
     assert sorted(changes.withdrawn) == [("anna", "group"), ("anna", "solo")]
     assert changes.notifications == []
     assert (index.size, index.photos) == (3, 3)  # Anna's two faces gone, every photo stays
-    rewrites = {r.photo_id: r for r in changes.rewrites}
+    rewrites = {r.photo_id: r for _, r in changes.rewrites}
+    assert sorted(tail for tail, _ in changes.rewrites) == ["group", "solo"]  # plain keys: event/photo
     assert sorted(rewrites) == ["group", "solo"]
     group = rewrites["group"]
     assert (group.event_id, group.model_id, group.dim) == ("E", "m", DIM)
@@ -254,8 +255,8 @@ def test_forget_with_erase_withdraws_erases_and_keeps_the_face_out(core: Indexer
     assert pushed(core.apply_guest(0, "E", "dora", enrol("dora", [ANNA]))) == []
     later = feed.add(photo("later", [ANNA, CARL]))
     assert later.notifications == []
-    assert [(r.photo_id, [f.bbox for f in r.faces]) for r in later.rewrites] == [("later", [(1.0, 1.0, 10.0, 10.0)])]
-    assert later.rewrites[0].image_url == "https://img/later.jpg"
+    assert [(r.photo_id, [f.bbox for f in r.faces]) for _, r in later.rewrites] == [("later", [(1.0, 1.0, 10.0, 10.0)])]
+    assert later.rewrites[0][1].image_url == "https://img/later.jpg"
     assert (index.size, index.photos) == (4, 4)
     assert [m.photo_id for m in ask(core, CARL).matches] == ["group", "later"]
 
@@ -269,7 +270,7 @@ def test_forget_without_erase_keeps_old_faces_but_filters_queries_and_new_photos
     assert core.partitions[0].events["E"].size == 2
     assert ask(core, ANNA).matches == []
     later = feed.add(photo("new", [ANNA]))
-    assert [r.faces for r in later.rewrites] == [[]]
+    assert [r.faces for _, r in later.rewrites] == [[]]
 
 
 def test_forget_without_selfies_republishes_the_enrolled_ones(core: IndexerCore) -> None:
@@ -283,14 +284,14 @@ def test_forget_without_selfies_republishes_the_enrolled_ones(core: IndexerCore)
     assert np.allclose(resolved.selfies, np.stack([ANNA, CARL]))
     # The exclusion holds: a new photo with either selfie's face is indexed without it.
     later = Feed(core).add(photo("p", [CARL, BEN]))
-    assert [[f.bbox for f in r.faces] for r in later.rewrites] == [[(1.0, 1.0, 10.0, 10.0)]]
+    assert [[f.bbox for f in r.faces] for _, r in later.rewrites] == [[(1.0, 1.0, 10.0, 10.0)]]
 
 
 def test_forget_with_its_own_selfies_is_not_republished(core: IndexerCore, feed: Feed) -> None:
     core.apply_guest(0, "E", "anna", enrol("anna", [ANNA]))
     changes = core.apply_guest(0, "E", "anna", forget("anna", [ANNA]))
     assert changes.guests == []
-    assert [r.faces for r in feed.add(photo("p", [ANNA])).rewrites] == [[]]
+    assert [r.faces for _, r in feed.add(photo("p", [ANNA])).rewrites] == [[]]
 
 
 def test_forget_of_a_stranger_without_selfies_keeps_nothing(core: IndexerCore, feed: Feed) -> None:
@@ -316,7 +317,7 @@ def test_guest_tombstone_removes_enrolment_and_withdraws(core: IndexerCore, feed
 
 def test_guest_tombstone_lifts_an_exclusion(core: IndexerCore, feed: Feed) -> None:
     core.apply_guest(0, "E", "anna", forget("anna", [ANNA]))
-    assert [r.faces for r in feed.add(photo("p1", [ANNA])).rewrites] == [[]]
+    assert [r.faces for _, r in feed.add(photo("p1", [ANNA])).rewrites] == [[]]
     changes = core.apply_guest(0, "E", "anna", None)
     assert changes.withdrawn == []
     assert feed.add(photo("p2", [ANNA])).rewrites == []
@@ -376,7 +377,7 @@ def test_restored_exclusion_and_tombstone(core: IndexerCore, feed: Feed) -> None
     core.restore_guest(0, "E", "anna", enrol("anna", [ANNA]))
     core.restore_guest(0, "E", "anna", forget("anna", [ANNA]))  # a later FORGET replaces the enrolment
     assert ask(core, guest_id="anna").error.startswith(GUEST_NOT_ENROLLED)
-    assert [r.faces for r in feed.add(photo("p1", [ANNA])).rewrites] == [[]]
+    assert [r.faces for _, r in feed.add(photo("p1", [ANNA])).rewrites] == [[]]
     core.restore_guest(0, "E", "anna", None)
     assert feed.add(photo("p2", [ANNA])).rewrites == []
 
@@ -436,9 +437,9 @@ def test_forget_erases_on_a_promoted_event_through_the_core() -> None:
     core.apply_guest(0, "E", "anna", replace(enrol("anna", [me]), threshold=strict))
     changes = core.apply_guest(0, "E", "anna", replace(forget("anna"), threshold=strict))
     assert changes.withdrawn == [("anna", "mine")]
-    assert [(r.photo_id, [f.bbox for f in r.faces]) for r in changes.rewrites] == [
+    assert [(r.photo_id, [f.bbox for f in r.faces]) for _, r in changes.rewrites] == [
         ("mine", [(0.0, 0.0, 10.0, 10.0)])]
-    assert float(changes.rewrites[0].faces[0].embedding @ someone) > 0.98  # 8-bit codes decoded
+    assert float(changes.rewrites[0][1].faces[0].embedding @ someone) > 0.98  # 8-bit codes decoded
     assert index.size == 601
     assert ask(core, me).matches == []
 

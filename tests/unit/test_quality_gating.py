@@ -116,7 +116,7 @@ class Requester:
         self.matched = 0
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int, threshold: float | None,
-                    timeout_s: float, guest_id: str | None = None) -> MatchReply:
+                    timeout_s: float, guest_id: str | None = None, model_id: str | None = None) -> MatchReply:
         self.matched += 1
         return MatchReply("r", event_id, "OK")
 
