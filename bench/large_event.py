@@ -5,7 +5,7 @@ cosine ~0.67, others ~0 +- 0.05), 2 faces a photo, shuffled. Queries are new
 noisy copies of indexed identities (a selfie). Per size it measures replay
 (upserting every photo), build (promotion), memory a face, single-query
 latency (1 OpenMP thread), recall against exact search on the same index,
-snapshot save/load, and an nprobe sweep.
+snapshot save/load, and an nprobe sweep (shares of nlist around the default).
 
 recall@10 counts the exact top-10 faces found; beyond the 5 siblings those are
 random faces at cosine ~0.15 that no threshold would return, so the figure that
@@ -14,7 +14,10 @@ agreement of photo results at threshold 0.5 (`photo_recall`).
 
     .venv/bin/python bench/large_event.py
     FACEMATCH_BENCH_FACES=100000,1000000 FACEMATCH_BENCH_DIM=128 .venv/bin/python bench/large_event.py
-    (FACEMATCH_BENCH_QUERIES, _NPROBE, _BUILD_THREADS, _OUT: queries, nprobe, build threads, JSON path)
+    FACEMATCH_BENCH_FACES=1000000 FACEMATCH_BENCH_OUT=bench/results/large_event_1m.json \
+        .venv/bin/python bench/large_event.py
+    (FACEMATCH_BENCH_EVENT_QUERIES, _NPROBE, _PROBE_FRACTION, _BUILD_THREADS, _OUT: queries, IndexOptions.nprobe and
+    .probe_fraction (defaults: the indexer's), build threads, JSON path)
 
 The default (100k x 512) peaks at ~1 GB. 1M x 512 peaks at ~7 GB (2 GB flat
 index, a 2 GB copy for the build, 2 GB for the flat snapshot blob): run it
@@ -23,6 +26,7 @@ alone on a machine with the room; 1M x 128 peaks at ~2 GB.
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import json
 import os
@@ -39,12 +43,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.report import machine_info  # noqa: E402
 from pipeline.indexer.event_index import EventIndex  # noqa: E402
-from pipeline.indexer.promotion import IndexOptions  # noqa: E402
+from pipeline.indexer.promotion import IndexOptions, probes  # noqa: E402
 from pipeline.indexer.state import PartitionState, load_snapshot, save_snapshot  # noqa: E402
 from pipeline.records import Face  # noqa: E402
 
 COPIES, PER_PHOTO, NOISE, THRESHOLD, K = 5, 2, 0.65, 0.5, 10
+SWEEP_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3)  # of nlist
+ENV = ("FACEMATCH_BENCH_FACES", "FACEMATCH_BENCH_DIM", "FACEMATCH_BENCH_EVENT_QUERIES", "FACEMATCH_BENCH_NPROBE",
+       "FACEMATCH_BENCH_PROBE_FRACTION", "FACEMATCH_BENCH_BUILD_THREADS", "FACEMATCH_BENCH_OUT")
 
 
 def rss_bytes() -> int:
@@ -119,6 +127,7 @@ def run_size(n: int, dim: int, queries_n: int, options: IndexOptions, directory:
                         * (NOISE / np.sqrt(dim)))
     del centers
     index = EventIndex(dim, "bench", IndexOptions(promote_at=0, nprobe=options.nprobe,
+                                                  probe_fraction=options.probe_fraction,
                                                   build_threads=options.build_threads))
     start = time.perf_counter()
     for p in range(0, n, PER_PHOTO):
@@ -152,7 +161,8 @@ def run_size(n: int, dim: int, queries_n: int, options: IndexOptions, directory:
     ivf["photo_recall"] = agree / max(1, sum(len(a) for a in flat_photos))
     ivf.update(snapshot_times(index, dim, directory))
     sweep = {}
-    for nprobe in (32, 64, 128, 256):
+    nlist = int(index.index.nlist)
+    for nprobe in sorted({max(1, round(nlist * f)) for f in SWEEP_FRACTIONS} | {probes(nlist, options)}):
         index.index.nprobe = nprobe
         lat, _, found_i = latency(index.index, queries, queries_n)
         sweep[str(nprobe)] = {**lat, **recalls(found_i, truth_i, truth_d)}
@@ -181,8 +191,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
 def main() -> None:
     sizes = [int(s) for s in os.environ.get("FACEMATCH_BENCH_FACES", "100000").split(",") if s]
     dim = int(os.environ.get("FACEMATCH_BENCH_DIM", "512"))
-    queries_n = int(os.environ.get("FACEMATCH_BENCH_QUERIES", "300"))
-    options = IndexOptions(nprobe=int(os.environ.get("FACEMATCH_BENCH_NPROBE", "64")),
+    queries_n = int(os.environ.get("FACEMATCH_BENCH_EVENT_QUERIES", "300"))
+    defaults = IndexOptions()
+    options = IndexOptions(nprobe=int(os.environ.get("FACEMATCH_BENCH_NPROBE", defaults.nprobe)),
+                           probe_fraction=float(os.environ.get("FACEMATCH_BENCH_PROBE_FRACTION",
+                                                               defaults.probe_fraction)),
                            build_threads=int(os.environ.get("FACEMATCH_BENCH_BUILD_THREADS", "2")))
     faiss.omp_set_num_threads(1)  # single queries, as the indexer runs them
     results = []
@@ -193,7 +206,14 @@ def main() -> None:
     print_table(results)
     out = REPO / os.environ.get("FACEMATCH_BENCH_OUT", "bench/results/large_event.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads_per_query": 1, "threshold": THRESHOLD, "results": results}, indent=2))
+    command = " ".join([*(f"{k}={os.environ[k]}" for k in ENV if os.environ.get(k)), ".venv/bin/python",
+                        "bench/large_event.py"])
+    out.write_text(json.dumps({"command": command, "machine": machine_info(),
+                               "finished_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                               "threads_per_query": 1, "threshold": THRESHOLD, "k": K,
+                               "options": {"nprobe": options.nprobe, "probe_fraction": options.probe_fraction,
+                                           "build_threads": options.build_threads},
+                               "results": results}, indent=2))
     print(f"\nwrote {out.relative_to(REPO)}")
 
 
