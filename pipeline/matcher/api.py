@@ -165,7 +165,7 @@ def create_app(services: BridgeServices) -> FastAPI:
         authorize(x_api_key, authorization, "admin", event_id)
         return await publish(PhotoEvent(event_id=event_id, photo_id="", op="DELETE_EVENT", source="http-ingest"))
 
-    @app.post("/api/v2/match", response_model=MatchOut, responses=_errors(400, 401, 403, 413, 503, 504))
+    @app.post("/api/v2/match", response_model=MatchOut, responses=_errors(400, 401, 403, 409, 413, 503, 504))
     async def match(body: MatchBody, x_api_key: str | None = Header(None),
                     authorization: str | None = Header(None)) -> Response:
         """Photos of the event showing this face, best first."""
@@ -173,7 +173,8 @@ def create_app(services: BridgeServices) -> FastAPI:
         vector = _check_vector("user_embedding", body.user_embedding, spec.dim)
         return await _match(services, body.event_id, vector, body.top_k, body.threshold)
 
-    @app.post("/api/v2/match/image", response_model=MatchOut, responses=_errors(400, 401, 403, 413, 503, 504))
+    @app.post("/api/v2/match/image", response_model=MatchOut,
+              responses=_errors(400, 401, 403, 409, 413, 503, 504))
     async def match_image(event_id: str = Form(..., pattern=ID_REGEX),
                           image: UploadFile = File(...), top_k: int = Form(20, ge=1, le=1000),
                           threshold: float | None = Form(None, ge=-1.0, le=1.0),
@@ -217,6 +218,8 @@ def create_app(services: BridgeServices) -> FastAPI:
 
 _ERROR_TEXT = {400: "The body could not be parsed (not UTF-8 JSON, broken multipart)",
                401: "No or unknown API key", 403: "The API key lacks the role or the event",
+               404: "The guest is not enrolled in the event",
+               409: "The event is indexed with another model than the query's (re-embedded): no mixed scores",
                413: "Body over the size cap", 503: "Kafka unavailable (with Retry-After), or no face model",
                504: "No indexer answered in time"}
 

@@ -34,6 +34,7 @@ from pipeline.matcher.auth import AuthError
 from pipeline.matcher.guest_tokens import TOKEN_PREFIX
 from pipeline.matcher.notifications import Entry
 from pipeline.matcher.replies import PublishFailed
+from pipeline.matcher.schemas import MatchedFaceOut, MatchOut
 from pipeline.matcher.selfie import SelfieError, pick_single_face
 from pipeline.records import iso_utc
 from pipeline.serde import GUEST
@@ -69,6 +70,28 @@ class GuestMatchBody(BaseModel):
 
     top_k: int = Field(20, ge=1, le=1000)
     threshold: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class NotificationOut(BaseModel):
+    """One photo pushed to the guest."""
+
+    photo_id: str
+    score: float | None = None
+    faces: list[MatchedFaceOut] = Field(default_factory=list)
+    photo_occurred_at: str | None = None
+    notified_at: str | None = None
+    model: str | None = None
+    offset: int
+    withdrawn: bool = False
+
+
+class NotificationsOut(BaseModel):
+    """stream=false: what the guest has now, one entry per photo, oldest first."""
+
+    event_id: str
+    guest_id: str
+    count: int
+    notifications: list[NotificationOut]
 
 
 class GuestAccepted(BaseModel):
@@ -122,7 +145,7 @@ def install_guest_routes(app: FastAPI, services: BridgeServices) -> None:
 
     base = "/api/v2/events/{event_id}/guests/{guest_id}"
 
-    @app.put(base, status_code=202, response_model=GuestAccepted, responses=_errors(401, 403, 503))
+    @app.put(base, status_code=202, response_model=GuestAccepted, responses=_errors(400, 401, 403, 503))
     async def enrol(event_id: str, guest_id: str, body: GuestEnrolBody, x_api_key: str | None = Header(None),
                     authorization: str | None = Header(None)) -> GuestAccepted:
         """Enrol (or replace) the guest's selfies: photos matching any of them are pushed, once each."""
@@ -132,7 +155,7 @@ def install_guest_routes(app: FastAPI, services: BridgeServices) -> None:
                              "ENROL")
 
     @app.put(base + "/selfies", status_code=202, response_model=GuestAccepted,
-             responses=_errors(401, 403, 413, 503))
+             responses=_errors(400, 401, 403, 413, 503))
     async def enrol_images(event_id: str, guest_id: str, images: list[UploadFile] = File(...),
                            x_api_key: str | None = Header(None),
                            authorization: str | None = Header(None)) -> GuestAccepted:
@@ -156,7 +179,8 @@ def install_guest_routes(app: FastAPI, services: BridgeServices) -> None:
         authorize(presented_key(x_api_key, authorization), event_id, guest_id, "match")
         return await publish(None, event_id, guest_id, "REMOVE")
 
-    @app.post(base + "/forget", status_code=202, response_model=GuestAccepted, responses=_errors(401, 403, 503))
+    @app.post(base + "/forget", status_code=202, response_model=GuestAccepted,
+              responses=_errors(400, 401, 403, 503))
     async def forget(event_id: str, guest_id: str, body: GuestForgetBody, x_api_key: str | None = Header(None),
                      authorization: str | None = Header(None)) -> GuestAccepted:
         """"Forget me": drop selfies and notifications, erase their faces, keep them out of later photos."""
@@ -165,7 +189,7 @@ def install_guest_routes(app: FastAPI, services: BridgeServices) -> None:
         return await publish(record(event_id, guest_id, selfies, "FORGET", body.threshold, body.erase_faces),
                              event_id, guest_id, "FORGET")
 
-    @app.post(base + "/match", responses=_errors(401, 403, 503, 504))
+    @app.post(base + "/match", response_model=MatchOut, responses=_errors(400, 401, 403, 404, 409, 503, 504))
     async def match_guest(event_id: str, guest_id: str, body: GuestMatchBody, x_api_key: str | None = Header(None),
                           authorization: str | None = Header(None)) -> Response:
         """Photos of the event showing the guest, scored by the best of their selfies (same body as /match)."""
@@ -178,7 +202,11 @@ def install_guest_routes(app: FastAPI, services: BridgeServices) -> None:
                 raise ApiError(404, str(exc)) from exc
             raise
 
-    @app.get(base + "/notifications", responses=_errors(401, 403, 503))
+    @app.get(base + "/notifications", response_model=NotificationsOut, responses={
+        **_errors(401, 403, 503),
+        200: {"description": "Server-Sent Events (`event: match` / `event: withdrawn`, `id:` the offset), or with "
+                             "stream=false the current list as JSON",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def notifications(request: Request, event_id: str, guest_id: str,
                             stream: bool = Query(True, description="false: the current list as JSON"),
                             last_event_id: str | None = Header(None),

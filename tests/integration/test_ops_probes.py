@@ -42,7 +42,7 @@ def test_indexer_is_ready_only_once_it_owns_and_has_replayed_its_partitions(stac
     status, body = answers[-1]
     partitions = stack.topics.partitions
     assert body["status"] == "ok" and body["replaying"] == [] and body["stage"] == "indexer"
-    assert len(body["assigned"]) == 2 * partitions  # faces and match-requests, co-partitioned
+    assert len(body["assigned"]) == 3 * partitions  # faces, match-requests and guests, co-partitioned
 
     status, body = probe(port, "/healthz") or (0, {})
     assert status == 200 and body["running"] is True and body["last_poll_s_ago"] <= body["liveness_timeout_s"]
