@@ -241,7 +241,7 @@ def test_listener_exits_with_status_3_when_it_cannot_listen_for_too_long(
         listener = start_listener(procs, env, "gone", tmp_path, "--give-up-after", "4")
     finally:
         stop_emulator(emulator)  # for good
-    assert listener.process.wait(timeout=60) == 3, listener.log_tail()  # the status a supervisor acts on
+    assert listener.process.wait(timeout=180) == 3, listener.log_tail()  # the status a supervisor acts on
 
 
 def test_bulk_ingest_one_event_then_all_idempotent_and_incremental(
