@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,11 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.quality_gate import faces_of  # noqa: E402
-from pipeline.assets import fetch_sample_photos, fetch_sface_models  # noqa: E402
-from pipeline.facelib.sface import SFaceModel  # noqa: E402
+from bench.quality_gate import faces_of, sface_and_photos  # noqa: E402
 from pipeline.facelib.spec import SFACE_SPEC  # noqa: E402
-from pipeline.settings import ModelSettings  # noqa: E402
 
 OBAMA = ("obama.jpg", "obama2.jpg", "obama3.jpg")
 
@@ -45,11 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    model_root = Path(ModelSettings().model_root).resolve()
-    fetch_sface_models(model_root)
-    photos = fetch_sample_photos(Path(os.environ.get("FACEMATCH_CACHE_DIR", REPO / ".cache")) / "photos")
-    model = SFaceModel(model_root)
-    model.load()
+    model, photos = sface_and_photos()
     import cv2
 
     faces = {name: faces_of(model, cv2.imread(str(path))) for name, path in sorted(photos.items())

@@ -172,17 +172,23 @@ def print_markdown(rows: list[Row], gate: QualityGate, per_face: bool) -> None:
                   f"{cosine} | {r.rejected or 'kept'} |")
 
 
+def sface_and_photos() -> tuple[SFaceModel, dict[str, Path]]:
+    """The loaded SFace pack and the real test photos, fetched (and verified) when missing."""
+    model_root = Path(ModelSettings().model_root).resolve()
+    fetch_sface_models(model_root)
+    photos = fetch_sample_photos(Path(os.environ.get("FACEMATCH_CACHE_DIR", REPO / ".cache")) / "photos")
+    model = SFaceModel(model_root)
+    model.load()
+    return model, photos
+
+
 def main() -> int:
     """Measure, print Markdown, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--faces", action="store_true", help="also print one row per face")
     parser.add_argument("--out", type=Path, help="write every row and the summary as JSON")
     args = parser.parse_args()
-    model_root = Path(ModelSettings().model_root).resolve()
-    fetch_sface_models(model_root)
-    photos = fetch_sample_photos(Path(os.environ.get("FACEMATCH_CACHE_DIR", REPO / ".cache")) / "photos")
-    model = SFaceModel(model_root)
-    model.load()
+    model, photos = sface_and_photos()
     gate = QualityGate.from_settings(QualitySettings())
     rows = measure(model, photos, gate)
     print_markdown(rows, gate, args.faces)
