@@ -348,12 +348,14 @@ class KafkaRequester:
         no error, and librdkafka asks again at the same offset: when reading always takes longer
         than the wait (Tansu's S3 engine lists every batch object of the partition per fetch, a
         list that grows with the partition), no reply ever arrives. The high watermark that comes
-        with those empty answers shows it: the broker has records past our position.
+        with those empty answers shows it: the broker has records past our position. The same
+        watermark shows a log that now ends before our position (see _rewind_to_start_of_new_log).
         """
         tp = TopicPartition(self.reply_topic, self.reply_partition)
         _, cached_high = self.consumer.get_watermark_offsets(tp, cached=True)
-        if cached_high <= self._next_offset:  # caught up, or nothing fetched yet (OFFSET_INVALID)
-            self._behind_since = None
+        shrunk = 0 <= cached_high < self._next_offset  # the log now ends before our position
+        if not (shrunk or cached_high > self._next_offset):
+            self._behind_since = None  # caught up, or nothing fetched yet (OFFSET_INVALID)
             return
         now = time.monotonic()
         if self._behind_since is None:
@@ -366,7 +368,30 @@ class KafkaRequester:
             self.consumer.list_topics(self.reply_topic, timeout=STALL_S)
         except KafkaException:
             return
-        self._resume_with_longer_wait(cached_high)
+        if shrunk:
+            self._rewind_to_start_of_new_log(cached_high)
+        else:
+            self._resume_with_longer_wait(cached_high)
+
+    def _rewind_to_start_of_new_log(self, high: int) -> None:
+        """Read the reply partition from its start when its log ends before our position.
+
+        The partition was recreated or truncated (a broker that restarted empty, an unclean leader
+        election). Apache Kafka answers such a fetch with OFFSET_OUT_OF_RANGE, but Tansu answers it
+        empty, so librdkafka would wait at the old position until the new log grows past it, and
+        every reply written meanwhile (health probes, matches) would be lost. From the new log's
+        start nothing is missed; replies of other bridge lives are dropped by correlation id.
+        """
+        tp = TopicPartition(self.reply_topic, self.reply_partition)
+        try:
+            low, _ = self.consumer.get_watermark_offsets(tp, timeout=STALL_S)
+        except KafkaException:
+            return  # asked again at the next check
+        logger.warning("reply partition %s[%d] now ends at offset %d, before our position %d (recreated or "
+                       "truncated): reading it again from offset %d", self.reply_topic, self.reply_partition,
+                       high, self._next_offset, low)
+        self._next_offset = max(low, 0)
+        self.consumer.assign([TopicPartition(self.reply_topic, self.reply_partition, self._next_offset)])
 
     def _resume_with_longer_wait(self, high: int) -> None:
         """A new reply consumer at our position (no reply skipped), with a longer fetch.wait.max.ms."""

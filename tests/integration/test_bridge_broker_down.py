@@ -19,6 +19,7 @@ from tests.conftest import Stack, stack_env
 from tests.integration.helpers import wait_for
 
 DIM = 512
+REPLIES_BEFORE = 300
 
 
 def request(method: str, url: str, body: Any = None, timeout_s: float = 20.0) -> tuple[int, dict, Any]:
@@ -63,6 +64,12 @@ def test_ingest_and_match_answer_503_with_retry_after_when_the_broker_is_down(
     photo = {"event_id": "E", "photo_id": "p1", "embedding": [0.1] * DIM}
     status, body, _ = request("POST", f"{base}/api/v2/ingest", photo)
     assert status == 202, body  # the broker is up: accepted
+    # Replies well past what probes alone write: a bridge that waits at its old reply offset on the
+    # new, empty log (Tansu answers such fetches empty, not OFFSET_OUT_OF_RANGE) would lose the
+    # next REPLIES_BEFORE replies, and /health would stay 503 for minutes.
+    for _ in range(REPLIES_BEFORE):
+        status, body, _ = request("POST", f"{base}/api/v2/match", {"event_id": "E", "user_embedding": [0.1] * DIM})
+        assert status == 200, body
 
     private_broker.stop()
 
@@ -96,3 +103,5 @@ def test_ingest_and_match_answer_503_with_retry_after_when_the_broker_is_down(
         return health if status == 200 and health["ready"] else None
     health = wait_for(healthy, 120, "/health 200 after the broker is back", interval_s=0.5)
     assert health["broker"]["reachable"] and health["partitions_owned"] == health["partitions"]
+    status, body, _ = request("POST", f"{base}/api/v2/match", {"event_id": "E", "user_embedding": [0.1] * DIM})
+    assert status == 200, body
