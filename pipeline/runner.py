@@ -36,6 +36,7 @@ from pipeline.delivery import DeliveryFailed, DeliveryTrack
 from pipeline.errors import PoisonRecord, TransientError
 from pipeline.kafka import Output, produce_with_retry, replace_producer
 from pipeline.metrics import Metrics, Probe
+from pipeline.rewrites import FROM_START, RewriteWatch
 from pipeline.serde import SchemaRegistry
 from pipeline.settings import RunnerSettings
 from pipeline.stage_api import BaseStage, Control, Incoming, Outcome, Stage, StageContractError
@@ -123,7 +124,7 @@ class Runner:
         self.group = consumer_conf["group.id"]
         consumer_conf = dict(consumer_conf)
         consumer_conf["stats_cb"] = lambda s: metrics.update_lag_from_stats(self.group, s)
-        consumer_conf["error_cb"] = lambda err: logger.warning("kafka: %s", err)
+        consumer_conf["error_cb"] = self._on_consumer_error
         producer_conf = dict(producer_conf)
         # Reply topics come from request headers: never create topics from
         # them, and give up on unknown ones quickly (then dead-letter).
@@ -135,6 +136,7 @@ class Runner:
         self.consumer = Consumer(consumer_conf)
         self.producer = Producer(producer_conf)
         self.control = _KafkaControl(self.consumer)
+        self._rewrites = RewriteWatch(self.consumer, consumer_conf, stage.name)
         self._holds: dict[TP, _Hold] = {}
         self._stopping = False
         # Probes (/healthz, /readyz) read these from the metrics server's thread.
@@ -166,6 +168,7 @@ class Runner:
                 if batch:
                     self._process(batch)
                 self._release_due_holds()
+                self._rewind_rewritten_logs()
                 self.stage.after_batch(self.control)
         finally:
             self._running = False
@@ -225,7 +228,10 @@ class Runner:
                 continue
             tracks.append(self._emit(item, outcome, attempt))
         self._flush_and_dead_letter(tracks)
-        self._store_offsets(self._settle(tracks))
+        done = self._settle(tracks)
+        for item in done:
+            self._rewrites.remember(item.topic, item.partition, item.offset, item.timestamp_ms, item.key, item.value)
+        self._store_offsets(done)
         self._redo_undelivered(tracks)
         self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - started)
 
@@ -286,6 +292,25 @@ class Runner:
         self.control.hold(key)
         # Without the seek the consumer would go on after the failed record.
         self.consumer.seek(TopicPartition(item.topic, item.partition, item.offset))
+
+    def _on_consumer_error(self, err: KafkaError) -> None:
+        logger.warning("kafka: %s", err)
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._rewrites.broker_down()  # it may come back with logs that end earlier: see pipeline/rewrites.py
+
+    def _rewind_rewritten_logs(self) -> None:
+        """Read again what a broker that lost records it had served put at offsets we had passed."""
+        for key, offset in self._rewrites.rewinds(self._assigned).items():
+            where = "its start" if offset == FROM_START else f"offset {offset}"
+            logger.warning("%s: the broker rewrote %s[%d] below our position; reading it again from %s",
+                           self.stage.name, *key, where)
+            self.metrics.retries.labels(self.stage.name, "log_rewritten").inc()
+            if self._holds.pop(key, None) is not None:
+                self.control.release(key)
+            try:
+                self.consumer.seek(TopicPartition(*key, offset))
+            except KafkaException as exc:  # a rebalance in between: the next owner's start applies
+                logger.warning("%s: rewind of %s[%d] failed: %s", self.stage.name, *key, exc)
 
     def _release_due_holds(self) -> None:
         now = time.monotonic()
@@ -423,6 +448,7 @@ class Runner:
             if (tp.topic, tp.partition) in starts:
                 tp.offset = starts[(tp.topic, tp.partition)]
         consumer.assign(partitions)
+        self._rewrites.assigned(keys)
         self.stage.after_assign(keys, self.control)
         self._count_assigned(keys, +1)
         self._assigned = self._assigned | set(keys)
