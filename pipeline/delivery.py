@@ -30,6 +30,21 @@ def breaks_producer(err: KafkaError) -> bool:
     return bool(err.fatal()) or err.code() in PRODUCER_IDENTITY_ERRORS
 
 
+UNCONFIRMED = "acknowledged without an offset (as a duplicate): the broker may not hold it"
+
+
+def has_offset(msg: Message) -> bool:
+    """False for a success that names no offset: produce it again.
+
+    An idempotent producer whose batch was in flight when the broker died retries it after the
+    restart; a broker that kept the producer's sequence but not the batch (Tansu's S3 engine after
+    a SIGKILL) answers DUPLICATE_SEQUENCE_NUMBER, which librdkafka reports as a success without an
+    offset. Producing the record anew is safe: every consumer here takes a record twice.
+    """
+    offset = msg.offset()
+    return offset is not None and offset >= 0
+
+
 class DeliveryFailed(Exception):
     """An output of the record can never be delivered (unknown topic/partition, too large)."""
 
@@ -52,6 +67,8 @@ class DeliveryTrack:
         self.pending -= 1
         if err is not None:
             self.failed(err, msg.topic(), msg.partition())
+        elif not has_offset(msg):
+            self.transient.append(f"{msg.topic()}[{msg.partition()}]: {UNCONFIRMED}")
 
     def failed(self, err: KafkaError, topic: str, partition: int | None) -> None:
         self.producer_broken = self.producer_broken or breaks_producer(err)

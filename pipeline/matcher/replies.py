@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from pipeline.delivery import breaks_producer
+from pipeline.delivery import UNCONFIRMED, breaks_producer, has_offset
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
 from pipeline.kafka import replace_producer
 from pipeline.records import MatchReply, MatchRequest, now_ms
@@ -39,6 +39,7 @@ from pipeline.topics import partition_for
 logger = logging.getLogger(__name__)
 
 REPLY_BATCH = 256  # replies taken from the fetched queue per wakeup of the waiters' event loops
+UNCONFIRMED_ATTEMPTS = 3  # publishes acknowledged without an offset before the caller gets a 503
 STALL_S = 1.0  # the broker holds replies past our position, yet none arrived for this long: a stalled fetch
 FETCH_WAIT_GROWTH = 4  # each stall multiplies the reply consumer's fetch.wait.max.ms by this
 FETCH_WAIT_MAX_MS = 2000  # up to this
@@ -254,15 +255,26 @@ class KafkaRequester:
 
         `partition` None: murmur2 of the key chooses (keys that are the event id).
         """
+        for attempt in range(UNCONFIRMED_ATTEMPTS):
+            partition_offset = await self._publish_once(topic, key, value, partition)
+            if partition_offset is not None:
+                return partition_offset
+            logger.warning("publish to %s: %s (attempt %d); producing it again", topic, UNCONFIRMED, attempt + 1)
+        raise PublishFailed(f"broker {UNCONFIRMED}")
+
+    async def _publish_once(self, topic: str, key: bytes, value: bytes | None,
+                            partition: int | None) -> tuple[int, int] | None:
+        """(partition, offset) once acked; None for an ack without an offset (see delivery.has_offset)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[int, int]] = loop.create_future()
+        future: asyncio.Future[tuple[int, int] | None] = loop.create_future()
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
                 self._note_delivery_error(err)
                 loop.call_soon_threadsafe(_set_exception, future, PublishFailed(f"broker refused: {err}"))
             else:
-                loop.call_soon_threadsafe(_set_result, future, (msg.partition(), msg.offset()))
+                acked = (msg.partition(), msg.offset()) if has_offset(msg) else None
+                loop.call_soon_threadsafe(_set_result, future, acked)
 
         where = {} if partition is None else {"partition": partition}
         self._produce(topic, key=key, value=value, on_delivery=on_delivery, **where)

@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from pipeline.deadletter import DeadLetterSource, dead_letter_output
+from pipeline.delivery import UNCONFIRMED, has_offset
 from pipeline.errors import PoisonRecord
 from pipeline.kafka import Output, produce_with_retry, producer_config
 from pipeline.metrics import Metrics
@@ -80,11 +81,11 @@ class PhotoPublisher:
 
     def _callback(self, token: Any) -> Callable[[Any, Any], None]:
         def on_delivery(err: Any, msg: Any) -> None:
-            if err is None:
+            if err is None and has_offset(msg):
                 self._acks.acked.add(token)
                 self._acks.ack_ms[token] = int(time.time() * 1000)
-            else:
-                self._acks.failed[token] = str(err)
+            else:  # not checkpointed: sent again (an ack without an offset may be a record the broker lost)
+                self._acks.failed[token] = str(err) if err is not None else UNCONFIRMED
         return on_delivery
 
     def wait(self, timeout_s: float = 30.0) -> Acks:
