@@ -158,6 +158,9 @@ class RewriteWatch:
         self._suspect: set[TP] = set()
         self._outage_at: float | None = None
         self._behind_since: dict[TP, float] = {}
+        # Where a partition with nothing consumed since its assignment fetches from: asked once per
+        # assignment (an OffsetFetch round trip), since nobody else commits for a partition we own.
+        self._start_of: dict[TP, int] = {}
         self._next_look = 0.0
 
     def remember(self, topic: str, partition: int, offset: int, timestamp_ms: int,
@@ -169,7 +172,11 @@ class RewriteWatch:
         self._suspect.update(self.handled.partitions())
 
     def assigned(self, keys: Iterable[TP]) -> None:
-        """A partition handled before comes back soon after an outage: look at it again."""
+        """A new assignment: its start is the committed offset again; look again at partitions handled
+        before if they come back soon after an outage."""
+        keys = list(keys)
+        for key in keys:
+            self._start_of.pop(key, None)
         if self._outage_at is not None and time.monotonic() - self._outage_at < RECENT_OUTAGE_S:
             self._suspect.update(key for key in keys if self.handled.window(key))
 
@@ -198,6 +205,7 @@ class RewriteWatch:
                 resume = window[-1].offset + 1 if window else FROM_START
             if resume is not None:
                 self._behind_since.pop(key, None)
+                self._start_of[key] = max(resume, 0)  # where it fetches from now, consumed or not
                 # The window stays until those offsets are handled again: a look before then (the
                 # rejoin after an outage may reset the position) rewinds again rather than trusting it.
                 targets[key] = resume
@@ -235,11 +243,14 @@ class RewriteWatch:
                 where[(tp.topic, tp.partition)] = (tp.offset, high)
             else:
                 unread.append((tp, high))
-        if unread:  # nothing consumed since the assignment: it fetches from the committed offset
-            committed = self._consumer.committed([tp for tp, _ in unread], timeout=2)
-            for tp, (_, high) in zip(committed, unread):
-                if tp.offset >= 0:
-                    where[(tp.topic, tp.partition)] = (tp.offset, high)
+        unknown = [tp for tp, _ in unread if (tp.topic, tp.partition) not in self._start_of]
+        if unknown:  # nothing consumed since the assignment: it fetches from the committed offset
+            for tp in self._consumer.committed(unknown, timeout=2):
+                self._start_of[(tp.topic, tp.partition)] = tp.offset
+        for tp, high in unread:
+            start = self._start_of.get((tp.topic, tp.partition), -1)
+            if start >= 0:
+                where[(tp.topic, tp.partition)] = (start, high)
         return where
 
     def _broker_answers(self, topic: str) -> bool:
