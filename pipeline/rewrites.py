@@ -180,6 +180,12 @@ class RewriteWatch:
         if self._outage_at is not None and time.monotonic() - self._outage_at < RECENT_OUTAGE_S:
             self._suspect.update(key for key in keys if self.handled.window(key))
 
+    def retry(self, key: TP) -> None:
+        """The rewind could not be applied (the partition was not fetching yet): decide again later."""
+        self._start_of.pop(key, None)
+        if self.handled.window(key):
+            self._suspect.add(key)
+
     def rewinds(self, assigned: Iterable[TP]) -> dict[TP, int]:
         """Where partitions must read again now (empty almost always; cheap when nothing is suspect)."""
         now = time.monotonic()

@@ -309,8 +309,9 @@ class Runner:
                 self.control.release(key)
             try:
                 self.consumer.seek(TopicPartition(*key, offset))
-            except KafkaException as exc:  # a rebalance in between: the next owner's start applies
-                logger.warning("%s: rewind of %s[%d] failed: %s", self.stage.name, *key, exc)
+            except KafkaException as exc:  # not fetching yet (just assigned), or revoked meanwhile
+                logger.warning("%s: rewind of %s[%d] failed (%s); deciding again later", self.stage.name, *key, exc)
+                self._rewrites.retry(key)
 
     def _release_due_holds(self) -> None:
         now = time.monotonic()
