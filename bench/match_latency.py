@@ -3,7 +3,9 @@
 Measures, on the same broker and machine:
   1. bare FAISS search (IndexFlatIP, 1 thread) over N faces of one event;
   2. bare broker request/reply round trip (a trivial echo process, same client tuning);
-  3. the full path: POST /api/v2/match on the bridge, answered by the indexer over Kafka.
+  3. the full path: POST /api/v2/match on the bridge, answered by the indexer that owns the
+     event, asked directly over TCP (pipeline/direct.py; the default), and
+  4. the same through Kafka request/reply (a second bridge with FACEMATCH_BRIDGE_DIRECT_QUERIES=false).
 Each of 2 and 3 runs at every --concurrency (closed loop: C requests always in flight;
 the round trip keeps C requests outstanding from one client, the HTTP path uses C
 client threads with a keep-alive connection each) and reports p50/p99 and req/s.
@@ -143,10 +145,11 @@ def _closed_loop(producer: Producer, consumer: Consumer, topic: str, payload: by
 
 
 def bench_http(bootstrap: str, faces: int, queries: int, workdir: Path,
-               concurrencies: list[int]) -> dict[int, dict[str, float]]:
+               concurrencies: list[int]) -> dict[str, dict[int, dict[str, float]]]:
+    """Both bridges (direct queries, Kafka only) at each concurrency: {"direct": ..., "kafka": ...}."""
     topics = TopicSettings(prefix=f"bm{uuid.uuid4().hex[:6]}.", partitions=12)
     create_topics(KafkaSettings(bootstrap_servers=bootstrap), topics)
-    port = free_port()
+    port, kafka_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
            "FACEMATCH_TOPIC_PREFIX": topics.prefix, "FACEMATCH_MODEL": "none",
            "FACEMATCH_EMBEDDING_DIM": str(DIM), "FACEMATCH_HTTP_PORT": str(port),
@@ -155,15 +158,21 @@ def bench_http(bootstrap: str, faces: int, queries: int, workdir: Path,
            "FACEMATCH_KAFKA_SESSION_TIMEOUT_MS": "6000", "FACEMATCH_LOG_LEVEL": "WARNING"}
     procs = [spawn(n, m, env, workdir) for n, m in
              [("indexer", "pipeline.indexer"), ("embedder", "pipeline.embedder"), ("bridge", "pipeline.matcher")]]
+    procs.append(spawn("bridge-kafka", "pipeline.matcher", {**env, "FACEMATCH_HTTP_PORT": str(kafka_port),
+                                                            "FACEMATCH_BRIDGE_DIRECT_QUERIES": "false"}, workdir))
     try:
-        base = f"127.0.0.1:{port}"
-        wait_ready(f"http://{base}", 120, procs)
+        for bridge_port in (port, kafka_port):
+            wait_ready(f"http://127.0.0.1:{bridge_port}", 120, procs)
         vectors = _publish_faces(bootstrap, topics, faces)
         _wait_indexed(port, vectors[0], faces)
         bodies = [json.dumps({"event_id": "BENCH", "user_embedding": vectors[i % faces].tolist(),
                               "top_k": 20}).encode() for i in range(min(faces, 2000))]
-        _http_clients(port, bodies, faces, 20, 1)  # warm-up
-        return {c: _http_clients(port, bodies, faces, queries * max(1, c // 4), c) for c in concurrencies}
+        results: dict[str, dict[int, dict[str, float]]] = {"direct": {}, "kafka": {}}
+        for path, bridge_port in (("direct", port), ("kafka", kafka_port)):
+            _http_clients(bridge_port, bodies, faces, 20, 1)  # warm-up (the direct bridge learns the route)
+            for c in concurrencies:
+                results[path][c] = _http_clients(bridge_port, bodies, faces, queries * max(1, c // 4), c)
+        return results
     finally:
         for proc in procs:
             proc.stop()
@@ -263,16 +272,21 @@ def run_dim(bootstrap: str, dim: int, faces: int, queries: int, concurrencies: l
         http_match = bench_http(bootstrap, faces, queries, workdir, concurrencies)
     by_concurrency = {}
     for c in concurrencies:
-        rt, full = round_trip[c], http_match[c]
-        by_concurrency[str(c)] = {"broker_round_trip": rt, "http_match": full,
+        rt, full, kafka = round_trip[c], http_match["direct"][c], http_match["kafka"][c]
+        by_concurrency[str(c)] = {"broker_round_trip": rt, "http_match": full, "http_match_via_kafka": kafka,
                                   "ratio_p50_http_vs_round_trip": full["p50_ms"] / rt["p50_ms"],
                                   "ratio_p99_http_vs_round_trip": full["p99_ms"] / rt["p99_ms"],
-                                  "ratio_req_per_s_http_vs_round_trip": full["req_per_s"] / rt["req_per_s"]}
+                                  "ratio_req_per_s_http_vs_round_trip": full["req_per_s"] / rt["req_per_s"],
+                                  "ratio_p50_via_kafka_vs_round_trip": kafka["p50_ms"] / rt["p50_ms"],
+                                  "ratio_p99_via_kafka_vs_round_trip": kafka["p99_ms"] / rt["p99_ms"],
+                                  "ratio_req_per_s_via_kafka_vs_round_trip": kafka["req_per_s"] / rt["req_per_s"]}
     first = by_concurrency[str(concurrencies[0])]
     return {"faces": faces, "queries": queries, "dim": dim, "faiss_search": faiss_search,
             "broker_round_trip": first["broker_round_trip"], "http_match": first["http_match"],
+            "http_match_via_kafka": first["http_match_via_kafka"],
             "ratio_p50_http_vs_round_trip": first["ratio_p50_http_vs_round_trip"],
             "ratio_p99_http_vs_round_trip": first["ratio_p99_http_vs_round_trip"],
+            "ratio_p50_via_kafka_vs_round_trip": first["ratio_p50_via_kafka_vs_round_trip"],
             "target_p50_ratio": 1.5, "concurrency": by_concurrency}
 
 
@@ -281,18 +295,20 @@ def print_table(run: dict[str, object]) -> None:
     assert isinstance(faiss_search, dict)
     print(f"dim {run['dim']}, {run['faces']} faces: bare FAISS search p50 {faiss_search['p50_ms']:.2f} ms "
           f"p99 {faiss_search['p99_ms']:.2f} ms")
-    print(f"{'clients':>7} {'path':<18} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}   {'x p50':>6} {'x p99':>6} "
+    print(f"{'clients':>7} {'path':<20} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}   {'x p50':>6} {'x p99':>6} "
           f"{'x req/s':>7}")
     by_concurrency = run["concurrency"]
     assert isinstance(by_concurrency, dict)
     for c, r in by_concurrency.items():
-        for name in ("broker_round_trip", "http_match"):
+        paths = (("broker_round_trip", None), ("http_match", "http"), ("http_match_via_kafka", "via_kafka"))
+        for name, suffix in paths:
             m = r[name]
-            ratios = (f"{r['ratio_p50_http_vs_round_trip']:6.2f} {r['ratio_p99_http_vs_round_trip']:6.2f} "
-                      f"{r['ratio_req_per_s_http_vs_round_trip']:7.2f}" if name == "http_match" else
+            ratios = (f"{r[f'ratio_p50_{suffix}_vs_round_trip']:6.2f} {r[f'ratio_p99_{suffix}_vs_round_trip']:6.2f} "
+                      f"{r[f'ratio_req_per_s_{suffix}_vs_round_trip']:7.2f}" if suffix else
                       f"{'1.00':>6} {'1.00':>6} {'1.00':>7}")
-            print(f"{c:>7} {name:<18} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['req_per_s']:8.0f}   {ratios}")
-    print("(ratios: http_match / broker_round_trip at the same concurrency, same run; target p50 x <= 1.5)")
+            print(f"{c:>7} {name:<20} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['req_per_s']:8.0f}   {ratios}")
+    print("(ratios: over broker_round_trip at the same concurrency, same run; target p50 x <= 1.5;\n"
+          " http_match asks the owning indexer directly, http_match_via_kafka goes through request/reply topics)")
 
 
 def main() -> int:

@@ -51,6 +51,7 @@ class Metrics:
     index_faces: Gauge
     index_events: Gauge
     match_seconds: Histogram
+    direct_queries: Counter
     snapshots: Counter
     replay_records: Counter
     http_requests: Counter
@@ -169,6 +170,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         index_events=Gauge("facematch_index_events", "Events held in owned indexes", registry=reg),
         match_seconds=Histogram("facematch_match_seconds", "FAISS search + grouping per query",
                                 buckets=LATENCY_BUCKETS, registry=reg),
+        direct_queries=Counter("facematch_direct_queries_total",
+                               "Match queries asked over TCP instead of Kafka (pipeline/direct.py); outcome: "
+                               "answered, not_mine (sent through Kafka), failed (bridge: unreachable or late)",
+                               ["outcome"], registry=reg),
         snapshots=Counter("facematch_snapshots_total", "Index snapshots written", registry=reg),
         replay_records=Counter("facematch_replay_records_total",
                                "Faces records applied while catching up after assignment",

@@ -181,6 +181,10 @@ class Runner:
         return Probe(ok, {"running": self._running, "last_poll_s_ago": round(since, 3),
                           "liveness_timeout_s": self.liveness_timeout_s})
 
+    def seconds_since_poll(self) -> float:
+        """Since the loop last called poll() (where librdkafka reports revoked and lost partitions)."""
+        return time.monotonic() - self._last_poll
+
     def readiness(self) -> Probe:
         """Ready: alive, not stopping (drain traffic first) and owning at least one partition."""
         alive = self.liveness()

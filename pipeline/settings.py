@@ -179,6 +179,12 @@ class IndexerSettings(BaseSettings):
     index_probe_fraction: float = 0.15  # ...and at least this share of them (recall as events grow)
     index_regrow_factor: float = 4.0  # retrain once an event has grown this many times past its last build
     index_build_threads: int = 1  # OpenMP threads of the background build; the other core keeps answering
+    # Direct queries (pipeline/direct.py): bridges ask the owner of an event's partition over TCP
+    # instead of through Kafka. Bind it where only the bridges reach it (it answers any query).
+    direct_queries: bool = True
+    query_host: str = "127.0.0.1"
+    query_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port (several indexers on one host)
+    query_advertised_host: str = ""  # what bridges connect to; empty: query_host (the host name if it binds all)
     # Re-embedding (docs/reembed.md): models whose faces build an event's next index beside the
     # current one, "model_id:dim,model_id:dim" (e.g. "insightface-buffalo_l:512").
     extra_models: str = ""
@@ -209,6 +215,9 @@ class BridgeSettings(BaseSettings):
     bridge_workers: int = Field(default=1, ge=1)  # uvicorn worker processes of `facematch bridge`
     bridge_model_instances: int = Field(default=1, ge=1)  # selfie models per worker (each runs one image at a time)
     bridge_timeout_s: float = 5.0
+    # Ask the indexer that owns an event directly (pipeline/direct.py); Kafka when it cannot answer.
+    bridge_direct_queries: bool = True
+    bridge_direct_timeout_s: float = Field(default=1.0, gt=0)  # then the query goes through Kafka
     bridge_publish_timeout_s: float = 5.0  # broker unreachable this long: 503 + Retry-After
     bridge_max_image_bytes: int = 10 * 1024 * 1024
     api_keys: str = ""  # "sha256:<hex>:role:event,event;..." (`facematch keys hash`); empty disables auth

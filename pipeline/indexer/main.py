@@ -12,6 +12,7 @@ from confluent_kafka.admin import AdminClient
 from pipeline.facelib.spec import spec_for
 from pipeline.indexer.core import IndexerConfig, IndexerCore
 from pipeline.indexer.promotion import IndexOptions
+from pipeline.indexer.queries import QueryListener
 from pipeline.indexer.stage import IndexerStage
 from pipeline.kafka import consumer_config, producer_config
 from pipeline.logs import setup_logging
@@ -24,6 +25,8 @@ from pipeline.summary import start_summaries
 from pipeline.topics import check_copartitioned
 
 logger = logging.getLogger(__name__)
+
+DIRECT_POLL_BOUND_S = 10.0  # no direct answers from a runner that has not polled for this long
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     serve_metrics(metrics, settings.metrics_port, runner.liveness, all_of(runner.readiness, stage.readiness))
     runner.install_signal_handlers()
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
-    runner.run()
+    listener = None
+    if settings.direct_queries:
+        listener = QueryListener(settings.query_host, settings.query_port, stage.answer_direct,
+                                 settings.query_advertised_host)
+        stage.query_address = listener.address.encode()
+        # A loop stuck this long may have lost its partitions without hearing it yet.
+        stage.polling = lambda: runner.seconds_since_poll() < DIRECT_POLL_BOUND_S
+        listener.start()
+    try:
+        runner.run()
+    finally:
+        if listener is not None:
+            listener.close()
     return 0
 
 

@@ -14,13 +14,17 @@ the pipeline. Replay shows up in the lag and facematch_replay_records_total.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING
 
+from pipeline.direct import ADDRESS_HEADER, NOT_MINE
 from pipeline.errors import PoisonRecord
 from pipeline.guest_records import (
     GuestRecord,
@@ -45,6 +49,17 @@ from pipeline.topics import SNAPSHOT_MAX_AGE_S, partition_for
 logger = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TTL_MS = 30_000  # deadline of a request that names none, from its timestamp
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _locked(method: Method) -> Method:
+    """Runs under the stage's lock: direct queries read the index from another thread."""
+    @functools.wraps(method)
+    def wrapper(self: IndexerStage, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def _reply_partition(raw: bytes | None) -> int | None:
@@ -75,8 +90,16 @@ class IndexerStage(BaseStage):
         self._guests_next: dict[int, int] = {}  # next guests offset per partition (a lower one is a redo)
         self._reconcile: dict[int, list[Output]] = {}  # pushed with the partition's next record
         self._last_sweep = 0.0
+        # Direct queries (pipeline/direct.py): the runner thread changes the index under this lock,
+        # the listener's threads answer under it. `polling` says the runner still polls, so a member
+        # that lost its partitions hears of it (librdkafka reports a lost assignment in poll()).
+        self.lock = threading.RLock()
+        self.owned: set[int] = set()
+        self.query_address: bytes | None = None  # advertised in every reply sent through Kafka
+        self.polling: Callable[[], bool] = lambda: True
 
     # -- records -------------------------------------------------------------
+    @_locked
     def handle(self, batch: Sequence[Incoming]) -> list[Outcome]:
         """Faces update the index; requests produce replies."""
         outcomes: list[Outcome] = []
@@ -204,10 +227,32 @@ class IndexerStage(BaseStage):
         else:
             reply = self.core.answer(item.partition, request)
         self.metrics.match_seconds.observe(time.perf_counter() - started)
+        headers = [(CORRELATION, correlation)]
+        if self.query_address is not None:
+            headers.append((ADDRESS_HEADER, self.query_address))
         return [Output(reply_topic.decode(), item.key, self.serde.encode(MATCH_REPLY, reply.to_avro()),
-                       partition=partition, headers=[(CORRELATION, correlation)])]
+                       partition=partition, headers=headers)]
+
+    def answer_direct(self, payload: bytes) -> bytes:
+        """A direct query: its reply record, or NOT_MINE unless the event's partition is ours and caught up."""
+        try:
+            request = MatchRequest.from_avro(self.serde.decode(MATCH_REQUEST, payload))
+        except PoisonRecord as exc:  # the Kafka path dead-letters it with its reason
+            logger.warning("direct query: %s", exc)
+            return NOT_MINE
+        partition = partition_for(request.event_id, self.partitions)
+        with self.lock:
+            if partition not in self.owned or partition in self.replaying or not self.polling():
+                self.metrics.direct_queries.labels("not_mine").inc()
+                return NOT_MINE
+            started = time.perf_counter()
+            reply = self.core.answer(partition, request)
+            self.metrics.match_seconds.observe(time.perf_counter() - started)
+        self.metrics.direct_queries.labels("answered").inc()
+        return self.serde.encode(MATCH_REPLY, reply.to_avro())
 
     # -- partitions ------------------------------------------------------------
+    @_locked
     def on_assign(self, partitions: list[tuple[str, int]], control: Control) -> dict[tuple[str, int], int]:
         """Load snapshots; restore guests; replay each faces partition from its snapshot's offset."""
         starts: dict[tuple[str, int], int] = {}
@@ -227,6 +272,7 @@ class IndexerStage(BaseStage):
                 logger.info("partition %d: snapshot at offset %d (%d events)", partition,
                             state.next_offset, len(state.events))
             self.replaying.add(partition)
+            self.owned.add(partition)
         starts.update(self._restore_guests(owned))
         return starts
 
@@ -258,12 +304,14 @@ class IndexerStage(BaseStage):
             starts[(topics.guests, partition)] = guests.end
         return starts
 
+    @_locked
     def after_assign(self, partitions: list[tuple[str, int]], control: Control) -> None:
         """Hold queries until their faces partition has caught up."""
         for topic, partition in partitions:
             if topic == self.topics.match_requests and partition in self.replaying:
                 control.pause(topic, partition)
 
+    @_locked
     def after_batch(self, control: Control) -> None:
         """Resume caught-up partitions; snapshot on schedule."""
         for partition in sorted(self.replaying):
@@ -290,10 +338,12 @@ class IndexerStage(BaseStage):
             self._last_sweep = now
             self._sweep_snapshots()
 
+    @_locked
     def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
         """Snapshot and drop what we no longer own."""
         for topic, partition in partitions:
             if topic == self.topics.faces:
+                self.owned.discard(partition)
                 self._snapshot(partition)
                 self.core.drop(partition)
                 self.replaying.discard(partition)
@@ -301,8 +351,10 @@ class IndexerStage(BaseStage):
                 self._guests_next.pop(partition, None)
         self._update_gauges()
 
+    @_locked
     def close(self) -> None:
         """Snapshot everything on graceful stop."""
+        self.owned.clear()
         for partition in list(self.core.partitions):
             self._snapshot(partition)
 

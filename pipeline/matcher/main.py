@@ -24,6 +24,7 @@ import uvicorn
 from confluent_kafka.admin import AdminClient
 from fastapi import FastAPI
 
+from pipeline.direct import Routes
 from pipeline.facelib.geometry import to_original
 from pipeline.facelib.model import FaceModel
 from pipeline.facelib.quality import NO_GATE, QualityGate
@@ -32,6 +33,7 @@ from pipeline.kafka import producer_config
 from pipeline.logs import setup_logging
 from pipeline.matcher.api import BridgeServices, create_app
 from pipeline.matcher.auth import Authorizer, parse_api_keys
+from pipeline.matcher.direct import DirectQueries
 from pipeline.matcher.guest_tokens import GuestTokens
 from pipeline.matcher.notifications import NotificationReader
 from pipeline.matcher.replies import (
@@ -98,6 +100,9 @@ class HealthProbe:
                 "embedding_dim": self.spec.dim,
                 # Which bridge process answered (several uvicorn workers share one port).
                 "worker": {"pid": os.getpid(), "reply_partition": self.requester.reply_partition},
+                # Partitions whose indexer this worker asks directly (pipeline/direct.py); null: disabled.
+                "direct_routes": (len(self.requester.direct.routes.known())
+                                  if self.requester.direct is not None else None),
                 "models": {"name": self.model_name, "model_id": self.spec.model_id,
                            "loaded": model_loaded, "license": self.spec.license,
                            "default_threshold": self.spec.default_threshold,
@@ -114,7 +119,8 @@ class HealthProbe:
             facts["error"] = str(exc)
             return facts
         probe = np.ones(self.spec.dim, dtype=np.float32)
-        answers = await asyncio.gather(*(self.requester.match(event_id, probe, 1, None, 1.0)
+        # Through Kafka: the probe checks the broker path (and its replies teach direct routes).
+        answers = await asyncio.gather(*(self.requester.match(event_id, probe, 1, None, 1.0, direct=False)
                                          for event_id in probe_events(facts["partitions"])),
                                        return_exceptions=True)
         facts["partitions_owned"] = sum(1 for a in answers if not isinstance(a, BaseException))
@@ -167,9 +173,12 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
     # Without message.timeout.ms librdkafka retries for 300 s while the broker is down.
     producer_conf = producer_config(kafka, **{"linger.ms": 0, "compression.type": "none",
                                               "message.timeout.ms": int(publish_timeout_s * 1000)})
+    metrics = create_metrics()
+    direct = (DirectQueries(serde, Routes(), bridge.bridge_direct_timeout_s, metrics)
+              if bridge.bridge_direct_queries else None)
     requester = KafkaRequester(producer_conf, consumer_conf, serde, topics.match_requests, partitions,
                                topics.match_replies, claim.partition,
-                               delivery_timeout_s=publish_timeout_s, claim=claim)
+                               delivery_timeout_s=publish_timeout_s, claim=claim, direct=direct)
     requester.start()
     health = HealthProbe(admin, topics, requester, spec, model, model_settings.model)
     auth = Authorizer(parse_api_keys(bridge.api_keys))
@@ -179,7 +188,7 @@ def build_services(kafka: KafkaSettings, topics: TopicSettings, bridge: BridgeSe
         logger.warning("FACEMATCH_API_KEYS holds %d plain-text key(s): accepted for compatibility, but store "
                        "their hashes instead (`facematch keys hash` prints sha256:<hex>)", auth.plain_text_keys)
     return BridgeServices(requester=requester, serde=serde, topics=topics, settings=bridge, spec=spec,
-                          metrics=create_metrics(), auth=auth, health=health,
+                          metrics=metrics, auth=auth, health=health,
                           faces_in_image=faces_in_image,
                           quality_gate=QualityGate.from_settings(quality) if quality is not None else NO_GATE,
                           notifications=NotificationReader(kafka.to_librdkafka(), topics.notifications,

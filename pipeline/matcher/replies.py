@@ -29,8 +29,10 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from pipeline.delivery import UNCONFIRMED, breaks_producer, has_offset
+from pipeline.direct import ADDRESS_HEADER
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
 from pipeline.kafka import replace_producer
+from pipeline.matcher.direct import DirectQueries
 from pipeline.records import MatchReply, MatchRequest, now_ms
 from pipeline.serde import MATCH_REPLY, MATCH_REQUEST, SchemaRegistry
 from pipeline.settings import KafkaSettings
@@ -164,8 +166,9 @@ class KafkaRequester:
     def __init__(self, producer_conf: dict[str, Any], consumer_conf: dict[str, Any],
                  serde: SchemaRegistry, request_topic: str, request_partitions: int,
                  reply_topic: str, reply_partition: int, delivery_timeout_s: float = 5.0,
-                 claim: ReplyClaim | None = None) -> None:
+                 claim: ReplyClaim | None = None, direct: DirectQueries | None = None) -> None:
         self.serde, self.request_topic = serde, request_topic
+        self.direct = direct  # asks the owning indexer first; its address comes in our replies' headers
         self.claim = claim  # released by close()
         # librdkafka fails a record after message.timeout.ms; the await gets a little
         # more, so the broker's own verdict normally arrives first.
@@ -213,8 +216,11 @@ class KafkaRequester:
 
     async def match(self, event_id: str, embedding: np.ndarray, top_k: int,
                     threshold: float | None, timeout_s: float, guest_id: str | None = None,
-                    model_id: str | None = None) -> MatchReply:
-        """Send one request and wait for its reply; PublishFailed or ReplyTimeout otherwise."""
+                    model_id: str | None = None, direct: bool = True) -> MatchReply:
+        """Send one request and wait for its reply; PublishFailed or ReplyTimeout otherwise.
+
+        direct=False: through Kafka even when the owner could be asked directly (the health probe).
+        """
         request_id = uuid.uuid4().hex
         correlation = request_id.encode()
         loop = asyncio.get_running_loop()
@@ -228,17 +234,23 @@ class KafkaRequester:
             else:
                 acked.append(True)
 
-        with self._lock:
-            self._pending[correlation] = (loop, future)
         request = MatchRequest(request_id=request_id, event_id=event_id, embedding=embedding,
                                top_k=top_k, threshold=threshold, guest_id=guest_id, model_id=model_id,
                                deadline_ms=now_ms() + int(timeout_s * 1000))
+        value = self.serde.encode(MATCH_REQUEST, request.to_avro())
+        partition = partition_for(event_id, self.request_partitions)
+        if direct and self.direct is not None:
+            started = time.monotonic()
+            reply = await self.direct.ask(partition, request_id, value, timeout_s / 2)
+            if reply is not None:
+                return reply
+            timeout_s -= time.monotonic() - started
         headers = [(CORRELATION, correlation), (REPLY_TOPIC, self.reply_topic.encode()),
                    (REPLY_PARTITION, struct.pack(">i", self.reply_partition))]
+        with self._lock:
+            self._pending[correlation] = (loop, future)
         try:
-            self._produce(self.request_topic, key=event_id.encode(),
-                          value=self.serde.encode(MATCH_REQUEST, request.to_avro()),
-                          partition=partition_for(event_id, self.request_partitions),
+            self._produce(self.request_topic, key=event_id.encode(), value=value, partition=partition,
                           headers=headers, on_delivery=on_delivery)
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError as exc:
@@ -428,6 +440,10 @@ class KafkaRequester:
         outcome: Any
         try:
             outcome = MatchReply.from_avro(self.serde.decode(MATCH_REPLY, msg.value()))
+            address = next((v for k, v in headers if k == ADDRESS_HEADER), None)
+            if address and self.direct is not None:
+                self.direct.routes.learn(partition_for(outcome.event_id, self.request_partitions),
+                                         address.decode(errors="replace"))
         except Exception as exc:  # undecodable reply: fail that request loudly
             outcome = exc
         ready.setdefault(waiter[0], []).append((waiter[1], outcome))

@@ -51,7 +51,7 @@ S3_PORT = 8333  # devbroker's SeaweedFS listens on this fixed port
 # and answers "no records" when the wait runs out. The bridge lengthens its reply consumer's wait by itself
 # (KafkaRequester._check_stalled); the runner has no such guard yet, and its consumers (5 ms, up to 12
 # partitions a fetch) stop receiving once their partitions grow: give the stages a wait that covers it.
-RUNNER_FETCH_WAIT_MS = 1000  # listing slows down on a loaded machine (CI): at 230 ms stages read nothing for long stretches
+RUNNER_FETCH_WAIT_MS = 1000  # listing slows down on a loaded machine (CI): at 230 ms stages read nothing
 
 
 class BridgeProducerFenced(AssertionError):
