@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     listener = None
     if settings.direct_queries:
+        # OpenMP's thread count is per thread: each connection's thread searches on one, like the runner's.
         listener = QueryListener(settings.query_host, settings.query_port, stage.answer_direct,
-                                 settings.query_advertised_host)
+                                 settings.query_advertised_host, thread_init=lambda: faiss.omp_set_num_threads(1))
         stage.query_address = listener.address.encode()
         # A loop stuck this long may have lost its partitions without hearing it yet.
         stage.polling = lambda: runner.seconds_since_poll() < DIRECT_POLL_BOUND_S

@@ -26,6 +26,7 @@ class _Connection(socketserver.BaseRequestHandler):
     server: _Server
 
     def setup(self) -> None:
+        self.server.thread_init()
         with self.server.lock:
             self.server.connections.add(self.request)
 
@@ -57,8 +58,8 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], answer: Answer) -> None:
-        self.answer = answer
+    def __init__(self, address: tuple[str, int], answer: Answer, thread_init: Callable[[], None]) -> None:
+        self.answer, self.thread_init = answer, thread_init
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
         super().__init__(address, _Connection)
@@ -74,8 +75,10 @@ class _Server(socketserver.ThreadingTCPServer):
 class QueryListener:
     """Serves direct queries on host:port (port 0: any free one) from a background thread."""
 
-    def __init__(self, host: str, port: int, answer: Answer, advertised_host: str = "") -> None:
-        self._server = _Server((host, port), answer)
+    def __init__(self, host: str, port: int, answer: Answer, advertised_host: str = "",
+                 thread_init: Callable[[], None] = lambda: None) -> None:
+        # thread_init runs first in each connection's thread (per-thread settings such as OpenMP's).
+        self._server = _Server((host, port), answer, thread_init)
         bound_port = self._server.server_address[1]
         binds_all = host in ("0.0.0.0", "::", "")  # noqa: S104 (a comparison, not a bind)
         advertise = advertised_host or (socket.gethostname() if binds_all else host)
