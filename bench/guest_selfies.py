@@ -37,9 +37,9 @@ def rule_scores(selfies: np.ndarray, faces: np.ndarray) -> dict[str, np.ndarray]
 
 
 def main() -> int:
-    """Print the table; optionally write JSON."""
+    """Print the table and write JSON (for BENCHMARKS.md)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "guest_selfies.json")
     args = parser.parse_args()
     model, photos = sface_and_photos()
     import cv2

@@ -183,10 +183,11 @@ def sface_and_photos() -> tuple[SFaceModel, dict[str, Path]]:
 
 
 def main() -> int:
-    """Measure, print Markdown, optionally write JSON."""
+    """Measure, print Markdown, write JSON (for BENCHMARKS.md)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--faces", action="store_true", help="also print one row per face")
-    parser.add_argument("--out", type=Path, help="write every row and the summary as JSON")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality_gate.json",
+                        help="every row and the summary as JSON")
     args = parser.parse_args()
     model, photos = sface_and_photos()
     gate = QualityGate.from_settings(QualitySettings())

@@ -278,7 +278,10 @@ def section_gpu(data: dict[str, Any]) -> list[str]:
            "against the CPU index on 1 thread: single-query p50/p99, batched queries/s, and that both return the "
            "same top-10.", "",
            "Command: `.venv/bin/python bench/gpu.py [--faces 1000000] [--queries 300] [--skip-embedder]`; it writes "
-           "bench/results/gpu.json (and embedder_throughput_gpu.json), and this report shows them here.", ""]
+           "bench/results/gpu.json (and embedder_throughput_gpu.json), and this report shows them here.",
+           "On a GPU machine with PyTorch but without onnxruntime-gpu or faiss-gpu, `python3 bench/gpu_torch.py` "
+           "(self-contained; `make bench` skips it) measures exact search in fp32/fp16 and SFace/YuNet converted "
+           "with onnx2torch against numpy and onnxruntime on the CPU of the same machine.", ""]
     if data.get("status") != "ok":
         return out + [f"**Not measured** on the machine of this report: {data.get('reason')}", "",
                       f"(onnxruntime here: {data.get('onnxruntime')}; FAISS here: {data.get('faiss')}.)", ""]

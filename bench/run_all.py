@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 from bench.report import VARIABLES, machine_info  # noqa: E402
 
 ORDER = ["engines", "match_latency", "large_event", "ingest_rate", "embedder_throughput"]
-NOT_SCRIPTS = {"run_all", "report", "datasets", "__init__"}
+# gpu_torch needs torch and a GPU machine: run it there by hand (BENCHMARKS.md, section GPU, says how).
+NOT_SCRIPTS = {"run_all", "report", "datasets", "__init__", "gpu_torch"}
 # engines builds HNSW in PostgreSQL and Milvus Lite at 100k faces: ~10 min on 2 busy cores, the rest ~4 min together.
 TIMEOUT_SCALE = {"engines": 2.0}
 

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     serde = SchemaRegistry.load()
     faces_partitions = partition_count(AdminClient(kafka.to_librdkafka()), topics.faces)
     stage = EmbedderStage(core, serde, topics.faces, faces_partitions, metrics, embedder.embedder_model_keys)
-    runner_settings = runner_settings.model_copy(update={"batch_size": embedder.embedder_batch_size})
+    batch_size = embedder.embedder_batch_size if core.model is not None else embedder.embedder_precomputed_batch_size
+    runner_settings = runner_settings.model_copy(update={"batch_size": batch_size})
     runner = Runner(stage, [topics.photo_events],
                     consumer_config(kafka, embedder.embedder_group, runner_settings),
                     producer_config(kafka, **{"linger.ms": 5}), topics.dlq, runner_settings,
