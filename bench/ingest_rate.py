@@ -3,7 +3,9 @@
 Pipeline: bridge + embedder (FACEMATCH_MODEL=none: precomputed faces only) + indexer(s).
 Two ways in, each timed from the first record sent until every face is searchable
 (the sum of the events' `index_size` in match replies reaches the total):
-  1. direct: a confluent-kafka producer writes photo events to the photo-events topic;
+  1. direct: a confluent-kafka producer writes photo events to the photo-events topic, as a
+     burst (throughput; its time-to-searchable is mostly the wait behind the backlog) and as a
+     steady stream at --steady-rate faces/s for --steady-s seconds (time-to-searchable at that load);
   2. http: C client threads POST /api/v2/ingest with one `embedding` each (keep-alive).
 Baseline: the bare produce rate of the same records into a fresh topic (no pipeline).
 Time-to-searchable p50/p99 come from the indexers' facematch_time_to_searchable_seconds
@@ -12,10 +14,10 @@ like Prometheus' histogram_quantile; the `_sum/_count` mean is exact.
 Goal: >= 5,000 faces/s on 2 cores, p99 <= 2 s.
 
     .venv/bin/python bench/ingest_rate.py [--faces 20000] [--http-faces 3000] [--dim 128]
-        [--events 8] [--clients 16] [--out bench/results/ingest_rate.json]
+        [--events 8] [--clients 16] [--steady-rate 5000] [--steady-s 6] [--out bench/results/ingest_rate.json]
 
-Sizes also come from BENCH_INGEST_FACES, BENCH_INGEST_HTTP_FACES, BENCH_DIM, BENCH_EVENTS and
-BENCH_CLIENTS.
+Sizes also come from BENCH_INGEST_FACES, BENCH_INGEST_HTTP_FACES, BENCH_DIM, BENCH_EVENTS,
+BENCH_CLIENTS, BENCH_STEADY_RATE and BENCH_STEADY_S.
 """
 
 from __future__ import annotations
@@ -206,15 +208,24 @@ def bare_produce(bootstrap: str, faces: np.ndarray, events: list[str]) -> dict[s
     return {"faces": len(faces), "seconds": elapsed, "faces_per_s": len(faces) / elapsed}
 
 
-def produce_events(bootstrap: str, topic: str, faces: np.ndarray, events: list[str], tag: str) -> None:
-    """One photo event (one precomputed face) per row, round-robin over `events`, then flush."""
+def produce_events(bootstrap: str, topic: str, faces: np.ndarray, events: list[str], tag: str,
+                   rate: float | None = None) -> None:
+    """One photo event (one precomputed face) per row, round-robin over `events`, then flush.
+
+    rate: faces/s to pace the producer at (None: as fast as it goes, a burst).
+    """
+    started = time.perf_counter()
     serde = SchemaRegistry.load()
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 5,
                          "compression.type": "lz4"})
     for i, vector in enumerate(faces):
+        if rate is not None:  # the i-th record leaves no earlier than i / rate after the start
+            ahead = started + i / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
         event = PhotoEvent(event_id=events[i % len(events)], photo_id=f"{tag}{i}",
                            faces=[PrecomputedFace(embedding=vector.tolist())], source="bench")
-        value = serde.encode(PHOTO_EVENT, event.to_avro())
+        value = serde.encode(PHOTO_EVENT, event.to_avro())  # occurred_at: now, after the pacing wait
         while True:
             try:
                 producer.produce(topic, key=event.event_id.encode(), value=value)
@@ -225,11 +236,16 @@ def produce_events(bootstrap: str, topic: str, faces: np.ndarray, events: list[s
     producer.flush(120)
 
 
-def direct_ingest(stack: Stack, faces: np.ndarray, events: list[str]) -> dict[str, float]:
-    """Produce straight to photo-events; faces/s until all searchable, and time-to-searchable."""
+def direct_ingest(stack: Stack, faces: np.ndarray, events: list[str], rate: float | None = None,
+                  tag: str = "d") -> dict[str, float]:
+    """Produce straight to photo-events; faces/s until all searchable, and time-to-searchable.
+
+    rate None: a burst (throughput; its p99 is mostly the wait behind the backlog). A rate: a steady
+    stream (time-to-searchable at that load).
+    """
     before = histogram(stack.indexer_ports)
     started = time.perf_counter()
-    produce_events(stack.bootstrap, stack.topics.photo_events, faces, events, "d")
+    produce_events(stack.bootstrap, stack.topics.photo_events, faces, events, tag, rate)
     produced = time.perf_counter()
     done = wait_searchable(stack, _expected(len(faces), events))
     stats = searchable_stats(before, _settled_histogram(stack, before, len(faces)))
@@ -308,6 +324,9 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=int(os.environ.get("BENCH_DIM", 128)))
     parser.add_argument("--events", type=int, default=int(os.environ.get("BENCH_EVENTS", 8)))
     parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", 16)))
+    parser.add_argument("--steady-rate", type=float, default=float(os.environ.get("BENCH_STEADY_RATE", 5000)),
+                        help="faces/s of the steady stream (time-to-searchable at the goal's rate)")
+    parser.add_argument("--steady-s", type=float, default=float(os.environ.get("BENCH_STEADY_S", 6)))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest_rate.json")
     args = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -318,20 +337,24 @@ def main() -> int:
             bare = bare_produce(bootstrap, vectors(args.faces, args.dim, 0), event_ids("B", args.events))
             with pipeline_stack(bootstrap, Path(tmp), args.dim) as stack:
                 direct = direct_ingest(stack, vectors(args.faces, args.dim, 1), event_ids("D", args.events))
+                steady = direct_ingest(stack, vectors(int(args.steady_rate * args.steady_s), args.dim, 3),
+                                       event_ids("S", args.events), rate=args.steady_rate, tag="s")
                 via_http = http_ingest(stack, vectors(args.http_faces, args.dim, 2), event_ids("H", args.events),
                                        args.clients)
     finally:
         if broker:
             broker.stop()
     results = {"dim": args.dim, "events": args.events, "goal_faces_per_s": 5000, "goal_p99_s": 2.0,
-               "bare_produce": bare, "direct_kafka": direct, "http_ingest": via_http,
+               "bare_produce": bare, "direct_kafka": direct, "steady_kafka": {"rate": args.steady_rate, **steady},
+               "http_ingest": via_http,
                "ratio_direct_vs_bare": direct["faces_per_s"] / bare["faces_per_s"],
                "ratio_http_vs_bare": via_http["faces_per_s"] / bare["faces_per_s"],
                "load_average": os.getloadavg()}
     print(f"precomputed {args.dim}-d faces over {args.events} events; ratios vs the bare produce of the same run")
     print(f"{'path':<14} {'faces':>6} {'faces/s':>9} {'x bare':>7} {'searchable p50 s':>17} {'p99 s':>6} "
           f"{'mean s':>7}")
-    for name, r in (("bare_produce", bare), ("direct_kafka", direct), ("http_ingest", via_http)):
+    for name, r in (("bare_produce", bare), ("direct_kafka", direct), ("steady_kafka", steady),
+                    ("http_ingest", via_http)):
         latency = (f"{r['time_to_searchable_p50_s']:17.3f} {r['time_to_searchable_p99_s']:6.2f} "
                    f"{r['time_to_searchable_mean_s']:7.3f}" if "time_to_searchable_p50_s" in r else f"{'-':>17}")
         print(f"{name:<14} {r['faces']:6d} {r['faces_per_s']:9.0f} {r['faces_per_s'] / bare['faces_per_s']:7.2f} "
