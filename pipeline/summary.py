@@ -146,10 +146,12 @@ def indexer_fields(before: Snapshot, after: Snapshot, interval_s: float) -> Fiel
     """faces applied/s, matches/s, search time p50/p99, index faces/events, dead letters."""
     matches = counter_delta(before, after, "facematch_match_seconds_count")
     expired = counter_delta(before, after, "facematch_records_total", stage="indexer", outcome="expired")
+    # Direct queries (pipeline/direct.py) are searched too, but never settled as records.
+    direct = counter_delta(before, after, "facematch_direct_queries_total", outcome="answered")
     # The runner counts every record it settles: faces records, answered and expired requests.
     settled = counter_delta(before, after, "facematch_records_total", stage="indexer",
                             where=lambda labels: labels.get("outcome") != "expired")
-    faces = max(settled - matches - expired, 0.0)
+    faces = max(settled - (matches - direct) - expired, 0.0)
     return {"faces_applied_per_s": _rate(faces, interval_s), "matches_per_s": _rate(matches, interval_s),
             **_percentiles(before, after, "facematch_match_seconds", "search"),
             "expired_requests": int(expired),

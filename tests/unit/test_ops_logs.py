@@ -121,6 +121,18 @@ def test_indexer_summary_separates_faces_from_matches() -> None:
     assert fields["rss_mb"] == 1024.0
 
 
+def test_indexer_summary_counts_direct_queries_as_matches_but_not_as_settled_records() -> None:
+    metrics = create_metrics(CollectorRegistry())
+    before = take_snapshot(metrics.registry)
+    metrics.records.labels("indexer", "ok").inc(6)  # 6 faces records, no request through Kafka
+    for _ in range(13):  # answered directly: searched, never settled by the runner
+        metrics.match_seconds.observe(0.0005)
+        metrics.direct_queries.labels("answered").inc()
+    metrics.direct_queries.labels("not_mine").inc(3)
+    fields = summary_fields("indexer", "indexer", before, take_snapshot(metrics.registry), 1.0, 2**30)
+    assert fields["faces_applied_per_s"] == 6.0 and fields["matches_per_s"] == 13.0
+
+
 def test_bridge_summary_by_route_with_error_classes_and_api_latency_only() -> None:
     metrics = create_metrics(CollectorRegistry())
     before = take_snapshot(metrics.registry)
