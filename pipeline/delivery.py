@@ -30,6 +30,18 @@ def breaks_producer(err: KafkaError) -> bool:
     return bool(err.fatal()) or err.code() in PRODUCER_IDENTITY_ERRORS
 
 
+def calls_for_new_producer(err: KafkaError) -> bool:
+    """True when a new producer is the way on: it is broken, or one of its records timed out.
+
+    A broker that lost its producer state (Tansu restarted with memory storage) answers
+    UNKNOWN_PRODUCER_ID; where no record risks a duplicate, librdkafka bumps the epoch locally
+    and sends again, forever, without any error reaching us: its records only time out. A new
+    producer asks the broker for a new id and gets through. Replacing one that is merely waiting
+    for a broker that is down costs a reconnect and nothing else (the caller produces anew).
+    """
+    return breaks_producer(err) or err.code() == KafkaError._MSG_TIMED_OUT
+
+
 UNCONFIRMED = "acknowledged without an offset (as a duplicate): the broker may not hold it"
 
 
@@ -71,10 +83,15 @@ class DeliveryTrack:
             self.transient.append(f"{msg.topic()}[{msg.partition()}]: {UNCONFIRMED}")
 
     def failed(self, err: KafkaError, topic: str, partition: int | None) -> None:
-        self.producer_broken = self.producer_broken or breaks_producer(err)
+        self.producer_broken = self.producer_broken or calls_for_new_producer(err)
         where = topic if partition is None or partition < 0 else f"{topic}[{partition}]"
         errors = self.permanent if err.code() in PERMANENT_DELIVERY_ERRORS else self.transient
         errors.append(f"{where}: {err.name()}: {err.str()}")
+
+    @property
+    def unreported(self) -> bool:
+        """Outputs with no delivery report at all after the flush: the producer may be stuck (see above)."""
+        return self.pending > 0
 
     @property
     def delivered(self) -> bool:

@@ -56,6 +56,9 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
         # Same key -> same partition in Java, kafka-python and librdkafka.
         "partitioner": "murmur2_random",
         "message.max.bytes": MAX_MESSAGE_BYTES,
+        # Topics come from `facematch topics` with co-partitioned counts; a producer that reaches a
+        # broker before them (a restart, a new producer) must not create one with the broker's default.
+        "allow.auto.create.topics": False,
     })
     conf.update(overrides)
     return conf

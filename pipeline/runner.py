@@ -395,7 +395,7 @@ class Runner:
         failed = [t for t in tracks if not t.delivered]
         if not failed:
             return
-        if self._producer_broken is not None or any(t.producer_broken for t in failed):
+        if self._producer_broken is not None or any(t.producer_broken or t.unreported for t in failed):
             self._replace_producer()
         first: dict[TP, DeliveryTrack] = {}
         for track in failed:
@@ -427,7 +427,7 @@ class Runner:
     def _replace_producer(self) -> None:
         """A fenced or fatally failed idempotent producer refuses everything: start a new one."""
         logger.error("%s: producer unusable (%s): starting a new one", self.stage.name,
-                     self._producer_broken or "fenced by the broker")
+                     self._producer_broken or "fenced by the broker, or stuck: records unacknowledged")
         # What the old one still holds is redone through the holds.
         self.producer = replace_producer(self.producer, self._producer_conf)
         self._producer_broken = None

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from pipeline.delivery import UNCONFIRMED, breaks_producer, has_offset
+from pipeline.delivery import UNCONFIRMED, breaks_producer, calls_for_new_producer, has_offset
 from pipeline.direct import ADDRESS_HEADER
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
 from pipeline.kafka import replace_producer
@@ -176,8 +176,9 @@ class KafkaRequester:
         self.request_partitions = request_partitions
         self.reply_topic, self.reply_partition = reply_topic, reply_partition
         self._producer_conf = {**producer_conf, "error_cb": self._on_client_error}
-        self._fatal: Any = None  # a fatal producer error: the next produce replaces the producer
+        self._fatal: Any = None  # the producer is unusable (or stuck): the next produce replaces it
         self.producer = Producer(self._producer_conf)
+        self._producer_since = time.monotonic()
         self._consumer_conf = dict(consumer_conf)
         self.consumer = Consumer(self._consumer_conf)
         self._next_offset = 0  # of the reply partition: where a new consumer would resume
@@ -304,6 +305,10 @@ class KafkaRequester:
         # publish would be refused until the bridge restarts.
         if breaks_producer(err):
             self._fatal = err
+        elif calls_for_new_producer(err) and time.monotonic() - self._producer_since >= self.delivery_timeout_s:
+            # Timed out: maybe a broker that is down, maybe a producer stuck bumping its epoch
+            # (delivery.calls_for_new_producer). At most one new producer per timeout, not one per record.
+            self._fatal = err
 
     def _on_client_error(self, err: Any) -> None:
         if err.fatal():
@@ -333,9 +338,10 @@ class KafkaRequester:
         with self._lock:
             if self._fatal is None:
                 return
-            logger.error("bridge producer failed fatally (%s): starting a new one", self._fatal)
+            logger.error("bridge producer unusable (%s): starting a new one", self._fatal)
             self._fatal = None
             self.producer = replace_producer(self.producer, self._producer_conf)
+            self._producer_since = time.monotonic()
 
     def _poll_producer(self) -> None:
         try:

@@ -18,9 +18,9 @@ from typing import Any
 from confluent_kafka import Producer
 
 from pipeline.deadletter import DeadLetterSource, dead_letter_output
-from pipeline.delivery import UNCONFIRMED, has_offset
+from pipeline.delivery import UNCONFIRMED, calls_for_new_producer, has_offset
 from pipeline.errors import PoisonRecord
-from pipeline.kafka import Output, produce_with_retry, producer_config
+from pipeline.kafka import Output, produce_with_retry, producer_config, replace_producer
 from pipeline.metrics import Metrics
 from pipeline.producers.documents import DocChange, document_bytes
 from pipeline.records import PhotoEvent
@@ -45,10 +45,11 @@ class PhotoPublisher:
     """Sends PhotoEvents and dead letters; reports delivery per caller token."""
 
     def __init__(self, kafka: KafkaSettings, topics: TopicSettings, serde: SchemaRegistry,
-                 stage: str, metrics: Metrics, producer: Any = None) -> None:
+                 stage: str, metrics: Metrics) -> None:
         self.topics, self.serde, self.stage, self.metrics = topics, serde, stage, metrics
-        self.producer = producer or Producer(producer_config(
-            kafka, **{"client.id": f"facematch-{stage}", "error_cb": _log_kafka_error}))
+        self._conf = producer_config(kafka, **{"client.id": f"facematch-{stage}", "error_cb": self._on_client_error})
+        self.producer = Producer(self._conf)
+        self._needs_new_producer: object | None = None  # why the next wait() replaces the producer
         self._acks = Acks()
         self._in_flight: set[Any] = set()
 
@@ -81,6 +82,8 @@ class PhotoPublisher:
 
     def _callback(self, token: Any) -> Callable[[Any, Any], None]:
         def on_delivery(err: Any, msg: Any) -> None:
+            if err is not None and calls_for_new_producer(err):
+                self._needs_new_producer = err
             if err is None and has_offset(msg):
                 self._acks.acked.add(token)
                 self._acks.ack_ms[token] = int(time.time() * 1000)
@@ -91,6 +94,13 @@ class PhotoPublisher:
     def wait(self, timeout_s: float = 30.0) -> Acks:
         """Block until every queued record is acked or failed (or timeout); returns this batch's acks."""
         remaining = self.producer.flush(timeout_s)
+        if remaining or self._needs_new_producer is not None:
+            # Broken, or stuck with records unreported (delivery.calls_for_new_producer). What it
+            # still holds is purged now, so this batch's acks mark those records failed: resent.
+            logger.error("%s: producer unusable (%s): starting a new one", self.stage,
+                         self._needs_new_producer or f"{remaining} records unacknowledged")
+            self.producer = replace_producer(self.producer, self._conf)
+            self._needs_new_producer = None
         acks, self._acks = self._acks, Acks()
         for token in self._in_flight - acks.acked - set(acks.failed):
             # Still queued after the timeout: not acked, so not checkpointed.
@@ -100,6 +110,11 @@ class PhotoPublisher:
             logger.warning("%s: %d records not acknowledged (%s)", self.stage, len(acks.failed),
                            next(iter(acks.failed.values()), "?"))
         return acks
+
+    def _on_client_error(self, err: Any) -> None:
+        logger.warning("kafka: %s", err)
+        if err.fatal():
+            self._needs_new_producer = err
 
     def poll(self) -> None:
         """Serve delivery reports and client errors between batches."""
@@ -115,8 +130,3 @@ def _safe_ref(path: str) -> str | None:
     # event stay together; a path with bad ids still gets its letter.
     parts = path.strip("/").split("/")
     return parts[-3] if len(parts) >= 4 else None
-
-
-def _log_kafka_error(err: Any) -> None:
-    logger.warning("kafka: %s", err)
-

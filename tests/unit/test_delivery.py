@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError
 
-from pipeline.delivery import UNCONFIRMED, DeliveryTrack, has_offset
+from pipeline.delivery import UNCONFIRMED, DeliveryTrack, calls_for_new_producer, has_offset
 from pipeline.stage_api import Incoming
 
 
@@ -55,3 +55,22 @@ def test_errors_still_sort_into_permanent_and_transient() -> None:
     t.on_delivery(KafkaError(KafkaError._UNKNOWN_PARTITION), Acked(None))  # type: ignore[arg-type]
     t.on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), Acked(None))  # type: ignore[arg-type]
     assert len(t.permanent) == 1 and len(t.transient) == 1 and not t.delivered
+
+
+def test_a_timed_out_record_or_a_fenced_producer_calls_for_a_new_producer() -> None:
+    # A broker that forgot the producer id makes librdkafka bump its epoch forever: records only time out.
+    for code in (KafkaError._MSG_TIMED_OUT, KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.PRODUCER_FENCED):
+        assert calls_for_new_producer(KafkaError(code))
+    for code in (KafkaError._TRANSPORT, KafkaError._UNKNOWN_PARTITION, KafkaError.NOT_LEADER_FOR_PARTITION):
+        assert not calls_for_new_producer(KafkaError(code))
+    t = track(pending=2)
+    t.on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), Acked(None))  # type: ignore[arg-type]
+    assert t.producer_broken
+
+
+def test_outputs_without_any_report_are_unreported() -> None:
+    t = track(pending=2)
+    t.on_delivery(None, Acked(3))  # type: ignore[arg-type]
+    assert t.unreported and not t.delivered  # one output never heard of: the runner replaces the producer
+    t.on_delivery(None, Acked(4))  # type: ignore[arg-type]
+    assert not t.unreported and t.delivered
