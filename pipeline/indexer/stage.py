@@ -274,6 +274,9 @@ class IndexerStage(BaseStage):
             self.replaying.add(partition)
             self.owned.add(partition)
         starts.update(self._restore_guests(owned))
+        # Now, not at the next record: with direct queries no record may come for a long time
+        # (a snapshot that is up to date, queries answered over HTTP), and the gauge read 0.
+        self._update_gauges()
         return starts
 
     def _restore_guests(self, owned: list[int]) -> dict[tuple[str, int], int]:
