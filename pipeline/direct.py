@@ -94,8 +94,16 @@ class Routes:
 
     def failed(self, address: str, now: float | None = None) -> None:
         """`address` could not be reached or did not answer in time: skip it for a while."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            self._failed_at[address] = time.monotonic() if now is None else now
+            # Indexers come and go with new addresses: forget failures past their backoff.
+            self._failed_at = {a: t for a, t in self._failed_at.items() if now - t < self.backoff_s}
+            self._failed_at[address] = now
+
+    def failures(self) -> dict[str, float]:
+        """A copy of address -> when it last failed, for those still within or just past their backoff."""
+        with self._lock:
+            return dict(self._failed_at)
 
     def known(self) -> dict[int, str]:
         """A copy of partition -> address (for /health)."""

@@ -39,7 +39,7 @@ from pipeline.indexer.core import Changes, IndexerCore
 from pipeline.indexer.state import load_snapshot, remove_stale_snapshots, save_snapshot, snapshot_path
 from pipeline.kafka import Output
 from pipeline.metrics import Metrics, Probe
-from pipeline.records import MatchRequest, PhotoFaces, check_id, faces_key, now_ms, parse_faces_key_model
+from pipeline.records import MatchReply, MatchRequest, PhotoFaces, check_id, faces_key, now_ms, parse_faces_key_model
 from pipeline.restore import TP, Restored
 from pipeline.serde import GUEST, MATCH_NOTIFICATION, MATCH_REPLY, MATCH_REQUEST, PHOTO_FACES, SchemaRegistry
 from pipeline.settings import IndexerSettings, TopicSettings
@@ -219,14 +219,12 @@ class IndexerStage(BaseStage):
         if deadline < now_ms():
             self.metrics.records.labels(self.name, "expired").inc()
             return []  # the caller has given up (HTTP 504 already sent)
-        started = time.perf_counter()
         expected = partition_for(request.event_id, self.partitions)
         if expected != item.partition:
             reply = self.core.error_reply(request, f"request for event {request.event_id} sent to "
                                           f"partition {item.partition}, expected {expected}: use murmur2")
         else:
-            reply = self.core.answer(item.partition, request)
-        self.metrics.match_seconds.observe(time.perf_counter() - started)
+            reply = self._search(item.partition, request)
         headers = [(CORRELATION, correlation)]
         if self.query_address is not None:
             headers.append((ADDRESS_HEADER, self.query_address))
@@ -245,11 +243,16 @@ class IndexerStage(BaseStage):
             if partition not in self.owned or partition in self.replaying or not self.polling():
                 self.metrics.direct_queries.labels("not_mine").inc()
                 return NOT_MINE
-            started = time.perf_counter()
-            reply = self.core.answer(partition, request)
-            self.metrics.match_seconds.observe(time.perf_counter() - started)
+            reply = self._search(partition, request)
         self.metrics.direct_queries.labels("answered").inc()
         return self.serde.encode(MATCH_REPLY, reply.to_avro())
+
+    def _search(self, partition: int, request: MatchRequest) -> MatchReply:
+        """The answer from the partition's index, timed into facematch_match_seconds (both paths)."""
+        started = time.perf_counter()
+        reply = self.core.answer(partition, request)
+        self.metrics.match_seconds.observe(time.perf_counter() - started)
+        return reply
 
     # -- partitions ------------------------------------------------------------
     @_locked

@@ -81,6 +81,16 @@ def test_routes_forget_a_refusing_owner_and_skip_a_failed_address_for_the_backof
     assert routes.known() == {2: "c:3"}
 
 
+def test_routes_forget_failures_past_their_backoff() -> None:
+    # Each restarted indexer may come back on a new port: old failures must not pile up.
+    routes = Routes(backoff_s=5.0)
+    for i in range(100):
+        routes.failed(f"gone:{i}", now=i * 10.0)
+    assert routes.failures() == {"gone:99": 990.0}
+    routes.learn(3, "gone:99")
+    assert routes.lookup(3, now=992.0) is None and routes.lookup(3, now=996.0) == "gone:99"
+
+
 # -- the indexer's rule: only an owned, caught-up partition of a polling runner answers --
 
 @pytest.fixture
