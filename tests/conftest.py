@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.devbroker import free_port, start_broker
+from pipeline.devbroker import EmbeddedBroker, free_port, start_broker
 from pipeline.settings import KafkaSettings, TopicSettings
 from pipeline.stack import ServiceProcess, spawn, wait_ready
 from pipeline.topics import create_topics
@@ -33,6 +33,16 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     broker = start_broker(log_path=log)
     try:
         yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A broker of the test's own, to stop or restart; the session's broker stays up."""
+    broker = start_broker(log_path=tmp_path / "private-tansu.log")
+    try:
+        yield broker
     finally:
         broker.stop()
 

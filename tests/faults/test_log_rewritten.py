@@ -11,27 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from pipeline.devbroker import EmbeddedBroker, start_broker
+from pipeline.devbroker import EmbeddedBroker
 from pipeline.settings import KafkaSettings, TopicSettings
 from pipeline.topics import create_topics
 from tests.integration.helpers import wait_for
 from tests.integration.test_runner import Scripted, echo_to, group_id, produce, running
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    """A broker of this test's own, to restart; the session's broker stays up."""
-    broker = start_broker(log_path=tmp_path / "private-tansu.log")
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def make_topics(bootstrap: str) -> TopicSettings:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.devbroker import EmbeddedBroker, start_broker
+from pipeline.devbroker import EmbeddedBroker
 from pipeline.settings import KafkaSettings, TopicSettings
 from pipeline.topics import create_topics
 from tests.conftest import Stack, stack_env
@@ -31,16 +31,6 @@ def request(method: str, url: str, body: Any = None, timeout_s: float = 20.0) ->
             return response.status, json.loads(response.read()), response.headers
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}"), exc.headers
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    """A broker of this test's own: the test stops it, the session's broker stays up."""
-    broker = start_broker(log_path=tmp_path / "private-tansu.log")
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from pipeline.devbroker import free_port, start_broker
+from pipeline.devbroker import EmbeddedBroker, free_port
 from pipeline.errors import PoisonRecord, TransientError
 from pipeline.facelib.spec import spec_for
 from pipeline.headers import CORRELATION, REPLY_PARTITION, REPLY_TOPIC
@@ -361,34 +361,31 @@ def test_offsets_are_not_stored_when_delivery_fails(kafka_bootstrap: str, topics
         again.close()
 
 
-def test_a_broker_that_forgot_the_producer_id_gets_the_outputs_from_a_new_producer(tmp_path: Path) -> None:
+def test_a_broker_that_forgot_the_producer_id_gets_the_outputs_from_a_new_producer(
+        private_broker: EmbeddedBroker) -> None:
     """A memory broker restarted empty no longer knows the runner's idempotent producer.
 
     librdkafka answers its UNKNOWN_PRODUCER_ID by bumping the epoch locally and sending again,
     forever, with no error reaching the runner (CI saw an indexer's replies stuck this way for
     minutes): a flush that ends with outputs unreported must start a new producer.
     """
-    broker = start_broker(log_path=tmp_path / "private-tansu.log")
-    try:
-        topics = TopicSettings(prefix=f"t{uuid.uuid4().hex[:10]}.", partitions=1, reply_partitions=1,
-                               dlq_partitions=1)
-        create_topics(KafkaSettings(bootstrap_servers=broker.bootstrap), topics)
-        stage = Scripted(echo_to(topics.faces))
-        settings = FAST.model_copy(update={"flush_timeout_s": 3.0})
-        with running(stage, broker.bootstrap, [topics.photo_events], group_id(), topics.dlq, settings):
-            with collecting(broker.bootstrap, {topics.faces: 1}) as collector:
-                produce(broker.bootstrap, topics.photo_events, [(0, b"before")])
-                wait_for(lambda: b"before" in collector.values(topics.faces), 60, "the output before the restart")
-            broker.restart()
-            create_topics(KafkaSettings(bootstrap_servers=broker.bootstrap), topics)
-            with collecting(broker.bootstrap, {topics.faces: 1}) as collector:
-                # produce() is not idempotent: no producer id is handed out on the new broker.
-                produce(broker.bootstrap, topics.photo_events, [(0, b"after")])
-                # librdkafka's own verdict (message.timeout.ms) would come after 300 s.
-                wait_for(lambda: b"after" in collector.values(topics.faces), 120,
-                         "the output after the restart, through a new producer")
-    finally:
-        broker.stop()
+    bootstrap = private_broker.bootstrap
+    topics = TopicSettings(prefix=f"t{uuid.uuid4().hex[:10]}.", partitions=1, reply_partitions=1, dlq_partitions=1)
+    create_topics(KafkaSettings(bootstrap_servers=bootstrap), topics)
+    stage = Scripted(echo_to(topics.faces))
+    settings = FAST.model_copy(update={"flush_timeout_s": 3.0})
+    with running(stage, bootstrap, [topics.photo_events], group_id(), topics.dlq, settings):
+        with collecting(bootstrap, {topics.faces: 1}) as collector:
+            produce(bootstrap, topics.photo_events, [(0, b"before")])
+            wait_for(lambda: b"before" in collector.values(topics.faces), 60, "the output before the restart")
+        private_broker.restart()
+        create_topics(KafkaSettings(bootstrap_servers=bootstrap), topics)
+        with collecting(bootstrap, {topics.faces: 1}) as collector:
+            # produce() is not idempotent: no producer id is handed out on the new broker.
+            produce(bootstrap, topics.photo_events, [(0, b"after")])
+            # librdkafka's own verdict (message.timeout.ms) would come after 300 s.
+            wait_for(lambda: b"after" in collector.values(topics.faces), 120,
+                     "the output after the restart, through a new producer")
 
 
 def test_outputs_that_can_never_be_delivered_are_dead_lettered(kafka_bootstrap: str, topics: TopicSettings) -> None:
