@@ -73,7 +73,7 @@ class DeliveryTrack:
     pending: int = 0
     permanent: list[str] = field(default_factory=list)
     transient: list[str] = field(default_factory=list)
-    producer_broken: bool = False
+    needs_new_producer: bool = False
 
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         self.pending -= 1
@@ -83,7 +83,7 @@ class DeliveryTrack:
             self.transient.append(f"{msg.topic()}[{msg.partition()}]: {UNCONFIRMED}")
 
     def failed(self, err: KafkaError, topic: str, partition: int | None) -> None:
-        self.producer_broken = self.producer_broken or calls_for_new_producer(err)
+        self.needs_new_producer = self.needs_new_producer or calls_for_new_producer(err)
         where = topic if partition is None or partition < 0 else f"{topic}[{partition}]"
         errors = self.permanent if err.code() in PERMANENT_DELIVERY_ERRORS else self.transient
         errors.append(f"{where}: {err.name()}: {err.str()}")

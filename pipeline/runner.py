@@ -395,7 +395,7 @@ class Runner:
         failed = [t for t in tracks if not t.delivered]
         if not failed:
             return
-        if self._producer_broken is not None or any(t.producer_broken or t.unreported for t in failed):
+        if self._producer_broken is not None or any(t.needs_new_producer or t.unreported for t in failed):
             self._replace_producer()
         first: dict[TP, DeliveryTrack] = {}
         for track in failed:
@@ -425,7 +425,7 @@ class Runner:
             self._producer_broken = err
 
     def _replace_producer(self) -> None:
-        """A fenced or fatally failed idempotent producer refuses everything: start a new one."""
+        """A fenced, fatally failed or stuck idempotent producer delivers nothing more: start a new one."""
         logger.error("%s: producer unusable (%s): starting a new one", self.stage.name,
                      self._producer_broken or "fenced by the broker, or stuck: records unacknowledged")
         # What the old one still holds is redone through the holds.

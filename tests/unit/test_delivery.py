@@ -65,7 +65,7 @@ def test_a_timed_out_record_or_a_fenced_producer_calls_for_a_new_producer() -> N
         assert not calls_for_new_producer(KafkaError(code))
     t = track(pending=2)
     t.on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), Acked(None))  # type: ignore[arg-type]
-    assert t.producer_broken
+    assert t.needs_new_producer
 
 
 def test_outputs_without_any_report_are_unreported() -> None:
