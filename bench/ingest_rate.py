@@ -6,7 +6,8 @@ Two ways in, each timed from the first record sent until every face is searchabl
   1. direct: a confluent-kafka producer writes photo events to the photo-events topic, as a
      burst (throughput; its time-to-searchable is mostly the wait behind the backlog) and as a
      steady stream at --steady-rate faces/s for --steady-s seconds (time-to-searchable at that load);
-  2. http: C client threads POST /api/v2/ingest with one `embedding` each (keep-alive).
+  2. http: C client threads POST /api/v2/ingest with one `embedding` each (keep-alive), and
+     --batch-clients threads POST /api/v2/ingest/batch with --http-batch photos each.
 Baseline: the bare produce rate of the same records into a fresh topic (no pipeline).
 Time-to-searchable p50/p99 come from the indexers' facematch_time_to_searchable_seconds
 histogram (photo event occurred_at -> faces applied), interpolated inside its buckets
@@ -14,10 +15,11 @@ like Prometheus' histogram_quantile; the `_sum/_count` mean is exact.
 Goal: >= 5,000 faces/s on 2 cores, p99 <= 2 s.
 
     .venv/bin/python bench/ingest_rate.py [--faces 20000] [--http-faces 3000] [--dim 128]
-        [--events 8] [--clients 16] [--steady-rate 5000] [--steady-s 20] [--out bench/results/ingest_rate.json]
+        [--events 8] [--clients 16] [--http-batch 250] [--batch-clients 4] [--steady-rate 5000]
+        [--steady-s 20] [--out bench/results/ingest_rate.json]
 
-Sizes also come from BENCH_INGEST_FACES, BENCH_INGEST_HTTP_FACES, BENCH_DIM, BENCH_EVENTS,
-BENCH_CLIENTS, BENCH_STEADY_RATE and BENCH_STEADY_S.
+Sizes also come from BENCH_INGEST_FACES (also the batch POSTs' faces), BENCH_INGEST_HTTP_FACES, BENCH_DIM,
+BENCH_EVENTS, BENCH_CLIENTS, BENCH_HTTP_BATCH, BENCH_BATCH_CLIENTS, BENCH_STEADY_RATE and BENCH_STEADY_S.
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ def produce_events(bootstrap: str, topic: str, faces: np.ndarray, events: list[s
             if ahead > 0:
                 time.sleep(ahead)
         event = PhotoEvent(event_id=events[i % len(events)], photo_id=f"{tag}{i}",
-                           faces=[PrecomputedFace(embedding=vector.tolist())], source="bench")
+                           faces=[PrecomputedFace(embedding=vector)], source="bench")
         value = serde.encode(PHOTO_EVENT, event.to_avro())  # occurred_at: now, after the pacing wait
         while True:
             try:
@@ -258,10 +260,17 @@ def direct_ingest(stack: Stack, faces: np.ndarray, events: list[str], rate: floa
             "drain_s": done - produced, **{f"time_to_searchable_{k}": v for k, v in stats.items()}}
 
 
-def http_ingest(stack: Stack, faces: np.ndarray, events: list[str], clients: int) -> dict[str, float]:
-    """POST /api/v2/ingest from `clients` threads; faces/s until all searchable."""
-    bodies = [json.dumps({"event_id": events[i % len(events)], "photo_id": f"h{i}",
-                          "embedding": v.tolist()}).encode() for i, v in enumerate(faces)]
+def http_ingest(stack: Stack, faces: np.ndarray, events: list[str], clients: int,
+                batch: int = 1) -> dict[str, float]:
+    """POST from `clients` threads, one photo of one face per POST (batch 1: /api/v2/ingest) or
+    `batch` photos per POST (/api/v2/ingest/batch); faces/s until all searchable."""
+    photos = [{"event_id": events[i % len(events)], "photo_id": f"h{batch}-{i}", "embedding": v.tolist()}
+              for i, v in enumerate(faces)]
+    if batch == 1:
+        path, bodies = "/api/v2/ingest", [json.dumps(p).encode() for p in photos]
+    else:
+        path = "/api/v2/ingest/batch"
+        bodies = [json.dumps({"photos": photos[i:i + batch]}).encode() for i in range(0, len(photos), batch)]
     before = histogram(stack.indexer_ports)
     counter = iter(range(len(bodies)))
     lock = threading.Lock()
@@ -269,7 +278,7 @@ def http_ingest(stack: Stack, faces: np.ndarray, events: list[str], clients: int
     latencies: list[float] = []
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=60)
         mine = []
         try:
             while True:
@@ -278,7 +287,7 @@ def http_ingest(stack: Stack, faces: np.ndarray, events: list[str], clients: int
                 if i is None:
                     return
                 start = time.perf_counter()
-                conn.request("POST", "/api/v2/ingest", bodies[i], {"Content-Type": "application/json"})
+                conn.request("POST", path, bodies[i], {"Content-Type": "application/json"})
                 response = conn.getresponse()
                 response.read()
                 mine.append(time.perf_counter() - start)
@@ -301,7 +310,7 @@ def http_ingest(stack: Stack, faces: np.ndarray, events: list[str], clients: int
     done = wait_searchable(stack, _expected(len(faces), events))
     stats = searchable_stats(before, _settled_histogram(stack, before, len(faces)))
     ms = np.asarray(latencies) * 1000
-    return {"faces": len(faces), "clients": clients, "accept_s": accepted - started,
+    return {"faces": len(faces), "clients": clients, "photos_per_post": batch, "accept_s": accepted - started,
             "accepted_per_s": len(faces) / (accepted - started),
             "ingest_p50_ms": float(np.percentile(ms, 50)), "ingest_p99_ms": float(np.percentile(ms, 99)),
             "seconds": done - started, "faces_per_s": len(faces) / (done - started),
@@ -329,6 +338,9 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=int(os.environ.get("BENCH_DIM", 128)))
     parser.add_argument("--events", type=int, default=int(os.environ.get("BENCH_EVENTS", 8)))
     parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", 16)))
+    parser.add_argument("--http-batch", type=int, default=int(os.environ.get("BENCH_HTTP_BATCH", 250)),
+                        help="photos per POST /api/v2/ingest/batch")
+    parser.add_argument("--batch-clients", type=int, default=int(os.environ.get("BENCH_BATCH_CLIENTS", 4)))
     parser.add_argument("--steady-rate", type=float,
                         default=float(os.environ.get("BENCH_STEADY_RATE", GOAL_FACES_PER_S)),
                         help="faces/s of the steady stream (time-to-searchable at the goal's rate)")
@@ -347,20 +359,23 @@ def main() -> int:
                                        event_ids("S", args.events), rate=args.steady_rate, tag="s")
                 via_http = http_ingest(stack, vectors(args.http_faces, args.dim, 2), event_ids("H", args.events),
                                        args.clients)
+                via_batch = http_ingest(stack, vectors(args.faces, args.dim, 4), event_ids("HB", args.events),
+                                        args.batch_clients, batch=args.http_batch)
     finally:
         if broker:
             broker.stop()
     results = {"dim": args.dim, "events": args.events, "goal_faces_per_s": GOAL_FACES_PER_S, "goal_p99_s": GOAL_P99_S,
                "bare_produce": bare, "direct_kafka": direct, "steady_kafka": {"rate": args.steady_rate, **steady},
-               "http_ingest": via_http,
+               "http_ingest": via_http, "http_batch_ingest": via_batch,
                "ratio_direct_vs_bare": direct["faces_per_s"] / bare["faces_per_s"],
                "ratio_http_vs_bare": via_http["faces_per_s"] / bare["faces_per_s"],
+               "ratio_http_batch_vs_bare": via_batch["faces_per_s"] / bare["faces_per_s"],
                "load_average": os.getloadavg()}
     print(f"precomputed {args.dim}-d faces over {args.events} events; ratios vs the bare produce of the same run")
     print(f"{'path':<14} {'faces':>6} {'faces/s':>9} {'x bare':>7} {'searchable p50 s':>17} {'p99 s':>6} "
           f"{'mean s':>7}")
     for name, r in (("bare_produce", bare), ("direct_kafka", direct), ("steady_kafka", steady),
-                    ("http_ingest", via_http)):
+                    ("http_ingest", via_http), ("http_batch", via_batch)):
         latency = (f"{r['time_to_searchable_p50_s']:17.3f} {r['time_to_searchable_p99_s']:6.2f} "
                    f"{r['time_to_searchable_mean_s']:7.3f}" if "time_to_searchable_p50_s" in r else f"{'-':>17}")
         print(f"{name:<14} {r['faces']:6d} {r['faces_per_s']:9.0f} {r['faces_per_s'] / bare['faces_per_s']:7.2f} "
@@ -371,6 +386,9 @@ def main() -> int:
           f"(a drain over {GOAL_P99_S:g} s: behind)")
     print(f"http accepted {via_http['accepted_per_s']:.0f}/s by {args.clients} clients "
           f"(POST p50 {via_http['ingest_p50_ms']:.1f} ms, p99 {via_http['ingest_p99_ms']:.1f} ms)")
+    print(f"http batch accepted {via_batch['accepted_per_s']:.0f} faces/s by {args.batch_clients} clients, "
+          f"{args.http_batch} photos a POST (POST p50 {via_batch['ingest_p50_ms']:.1f} ms, "
+          f"p99 {via_batch['ingest_p99_ms']:.1f} ms)")
     print(f"goal: >= {GOAL_FACES_PER_S} faces/s, time-to-searchable p99 <= {GOAL_P99_S:g} s "
           "(p50/p99 interpolated in histogram buckets)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

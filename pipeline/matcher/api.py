@@ -31,11 +31,11 @@ from pipeline.matcher.auth import AuthError, Authorizer
 from pipeline.matcher.guest_tokens import GuestTokens
 from pipeline.matcher.notifications import NotificationReader
 from pipeline.matcher.replies import KafkaRequester, PublishFailed, ReplyTimeout
-from pipeline.matcher.schemas import ErrorOut, IngestAccepted, IngestBody, MatchBody, MatchOut
+from pipeline.matcher.schemas import ErrorOut, MatchBody, MatchOut
 from pipeline.matcher.selfie import SelfieError, analyze_payload, pick_single_face
 from pipeline.metrics import Metrics
-from pipeline.records import ID_REGEX, PhotoEvent, PrecomputedFace, id_problem, iso_utc
-from pipeline.serde import PHOTO_EVENT, SchemaRegistry
+from pipeline.records import ID_REGEX, id_problem, iso_utc
+from pipeline.serde import SchemaRegistry
 from pipeline.settings import BridgeSettings, TopicSettings
 
 logger = logging.getLogger(__name__)
@@ -116,54 +116,14 @@ def create_app(services: BridgeServices) -> FastAPI:
     # Uploaded selfies must never touch the disk: Starlette spools multipart files to a temp
     # file above this size, so keep the whole (already capped) upload in memory.
     MultiPartParser.spool_max_size = services.settings.bridge_max_image_bytes + 256 * 1024
-    spec, topics = services.spec, services.topics
+    spec = services.spec
 
     def authorize(x_api_key: str | None, authorization: str | None, role: str, event_id: str | None) -> None:
         services.auth.check(_key(x_api_key, authorization), role, event_id)
 
-    async def publish(event: PhotoEvent) -> IngestAccepted:
-        value = services.serde.encode(PHOTO_EVENT, event.to_avro())
-        try:
-            partition, offset = await services.requester.publish(topics.photo_events, event.event_id.encode(),
-                                                                 value)
-        except PublishFailed as exc:
-            raise _unavailable(exc) from exc
-        return IngestAccepted(event_id=event.event_id, photo_id=event.photo_id or None,
-                              topic=topics.photo_events, partition=partition, offset=offset)
+    from pipeline.matcher.ingest_api import install_ingest_routes  # it builds on this module's helpers
 
-    @app.post("/api/v2/ingest", status_code=202, response_model=IngestAccepted,
-              responses=_errors(400, 401, 403, 413, 503))
-    async def ingest(body: IngestBody, x_api_key: str | None = Header(None),
-                     authorization: str | None = Header(None)) -> IngestAccepted:
-        """Queue a photo for indexing (by image_url, or with precomputed embeddings)."""
-        authorize(x_api_key, authorization, "ingest", body.event_id)
-        vectors = body.faces if body.faces is not None else ([body.embedding] if body.embedding else None)
-        if vectors is None and not body.image_url:
-            raise ApiError(422, "give image_url, embedding or faces")
-        for i, vector in enumerate(vectors or []):
-            _check_vector(f"faces[{i}]" if body.faces is not None else "embedding", vector, spec.dim)
-        faces = None if vectors is None else [PrecomputedFace(embedding=v) for v in vectors]
-        return await publish(PhotoEvent(event_id=body.event_id, photo_id=body.photo_id,
-                                        image_url=body.image_url, faces=faces, source="http-ingest"))
-
-    @app.delete("/api/v2/events/{event_id}/photos/{photo_id}", status_code=202, response_model=IngestAccepted,
-                responses=_errors(401, 403, 503))
-    async def delete_photo(event_id: str, photo_id: str, x_api_key: str | None = Header(None),
-                           authorization: str | None = Header(None)) -> IngestAccepted:
-        """Remove one photo from its event's index."""
-        _check_path_id("event_id", event_id)
-        _check_path_id("photo_id", photo_id)
-        authorize(x_api_key, authorization, "ingest", event_id)
-        return await publish(PhotoEvent(event_id=event_id, photo_id=photo_id, op="DELETE", source="http-ingest"))
-
-    @app.delete("/api/v2/events/{event_id}", status_code=202, response_model=IngestAccepted,
-                responses=_errors(401, 403, 503))
-    async def delete_event(event_id: str, x_api_key: str | None = Header(None),
-                           authorization: str | None = Header(None)) -> IngestAccepted:
-        """Remove every photo of an event."""
-        _check_path_id("event_id", event_id)
-        authorize(x_api_key, authorization, "admin", event_id)
-        return await publish(PhotoEvent(event_id=event_id, photo_id="", op="DELETE_EVENT", source="http-ingest"))
+    install_ingest_routes(app, services)
 
     @app.post("/api/v2/match", response_model=MatchOut, responses=_errors(400, 401, 403, 409, 413, 503, 504))
     async def match(body: MatchBody, x_api_key: str | None = Header(None),

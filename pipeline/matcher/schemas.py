@@ -80,6 +80,25 @@ class IngestAccepted(BaseModel):
     offset: int
 
 
+MAX_INGEST_BATCH = 500  # photos per batch POST: 500 x 512 floats is ~5.5 MB of JSON, half the body cap
+
+
+class IngestBatchBody(BaseModel):
+    """Many photos in one ingest request, each as the single ingest's body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    photos: list[IngestBody] = Field(..., min_length=1, max_length=MAX_INGEST_BATCH)
+
+
+class IngestBatchAccepted(BaseModel):
+    """Where each photo event of a batch went, in the body's order."""
+
+    status: str = "accepted"
+    count: int
+    photos: list[IngestAccepted]
+
+
 class MatchBody(BaseModel):
     """The v2 match body."""
 

@@ -74,6 +74,25 @@ def test_ingest_match_isolation_reingest_and_deletes(stack) -> None:
     assert match(base, EVENTS[3], vectors[0])[1]["matches"][0]["photo_id"] == f"{EVENTS[3]}-p0"
 
 
+def test_a_batch_ingest_makes_every_photo_searchable_in_its_own_event(stack) -> None:
+    stack.indexer()
+    stack.embedder()
+    base = stack.bridge()
+    vectors = unit_vectors(90, DIM, seed=12)
+    photos = [{"event_id": f"BATCH{i % 3}", "photo_id": f"b{i}", "embedding": v.tolist()}
+              for i, v in enumerate(vectors)]
+    status, body = http("POST", f"{base}/api/v2/ingest/batch", {"photos": photos})
+    assert status == 202, body
+    assert body["count"] == 90 and [p["photo_id"] for p in body["photos"]] == [f"b{i}" for i in range(90)]
+    for event in ("BATCH0", "BATCH1", "BATCH2"):  # one event, one partition, offsets in the body's order
+        offsets = [p["offset"] for p in body["photos"] if p["event_id"] == event]
+        assert offsets == sorted(offsets) and len(set(offsets)) == 30
+        wait_index_size(base, event, vectors[0], 30)
+    for i, vector in enumerate(vectors):
+        status, answer = match(base, f"BATCH{i % 3}", vector, threshold=0.5)
+        assert status == 200 and [m["photo_id"] for m in answer["matches"]] == [f"b{i}"], answer
+
+
 def test_bad_bodies_get_clear_4xx(stack) -> None:
     stack.indexer()
     base = stack.bridge()

@@ -126,3 +126,76 @@ def test_health_is_503_until_ready_and_keeps_its_body() -> None:
     assert response.status_code == 503 and response.json() == starting
     response = make_client(health={"status": "ok", "ready": True}).get("/health")
     assert response.status_code == 200 and response.json()["ready"] is True
+
+
+class FlakyRequester(FakeRequester):
+    """Acknowledges every publish but the `fail_at`-th (0-based), like a broker that lost one batch."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    async def publish(self, topic: str, key: bytes, value: bytes | None,
+                      partition: int | None = None) -> tuple[int, int]:
+        self.calls += 1
+        if self.calls - 1 == self.fail_at:
+            raise PublishFailed("broker did not acknowledge within 5.0s")
+        return await super().publish(topic, key, value, partition)
+
+
+def batch(*photos: dict[str, Any]) -> dict[str, Any]:
+    return {"photos": list(photos)}
+
+
+def test_a_batch_is_published_in_order_and_each_photo_gets_its_offset() -> None:
+    requester = FakeRequester()
+    body = batch({"event_id": "E1", "photo_id": "a", "embedding": [1.0, 0.0, 0.0, 0.0]},
+                 {"event_id": "E2", "photo_id": "b", "faces": [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]},
+                 {"event_id": "E1", "photo_id": "c", "image_url": "https://example.com/c.jpg"})
+    response = make_client(requester).post("/api/v2/ingest/batch", json=body)
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert answer["count"] == 3
+    assert [(p["event_id"], p["photo_id"], p["offset"]) for p in answer["photos"]] == \
+        [("E1", "a", 0), ("E2", "b", 1), ("E1", "c", 2)]
+    assert [key for _, key in requester.published] == [b"E1", b"E2", b"E1"]
+
+
+@pytest.mark.parametrize(("photos", "named"), [
+    ([{"event_id": "E", "photo_id": "a", "embedding": [1.0, 0.0, 0.0, 0.0]},
+      {"event_id": "E", "photo_id": "b", "embedding": [1.0, 0.0]}], "photos[1].embedding"),
+    ([{"event_id": "E", "photo_id": "a", "faces": [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]}],
+     "photos[0].faces[1]"),
+    ([{"event_id": "E", "photo_id": "a"}], "photos[0].give image_url"),
+    ([{"event_id": "E", "photo_id": "a", "image_url": "file:///etc/passwd"}], "photos.0.image_url"),
+    ([{"event_id": "E", "photo_id": "a/b", "image_url": "https://example.com/a.jpg"}], "photos.0.photo_id"),
+    ([], "photos"),
+    ([{"event_id": "E", "photo_id": f"p{i}", "embedding": [1.0, 0.0, 0.0, 0.0]} for i in range(501)], "photos"),
+])
+def test_a_batch_with_one_bad_photo_is_refused_whole_naming_it(photos: list[dict[str, Any]], named: str) -> None:
+    requester = FakeRequester()
+    response = make_client(requester).post("/api/v2/ingest/batch", json=batch(*photos))
+    assert response.status_code == 422, response.text
+    assert named in response.json()["error"]
+    assert requester.published == []
+
+
+def test_a_batch_needs_the_ingest_role_for_every_event_in_it() -> None:
+    requester = FakeRequester()
+    client = make_client(requester, api_keys=f"{hash_key('e1-key')}:ingest:E1")
+    body = batch({"event_id": "E1", "photo_id": "a", "embedding": [1.0, 0.0, 0.0, 0.0]},
+                 {"event_id": "E2", "photo_id": "b", "embedding": [1.0, 0.0, 0.0, 0.0]})
+    response = client.post("/api/v2/ingest/batch", json=body, headers={"X-API-Key": "e1-key"})
+    assert response.status_code == 403 and "E2" in response.json()["error"], response.text
+    assert requester.published == []
+    assert client.post("/api/v2/ingest/batch", json=body).status_code == 401
+
+
+def test_a_batch_the_broker_partly_refused_is_503_saying_how_many_were_acknowledged() -> None:
+    requester = FlakyRequester(fail_at=1)
+    body = batch(*({"event_id": "E", "photo_id": f"p{i}", "embedding": [1.0, 0.0, 0.0, 0.0]} for i in range(4)))
+    response = make_client(requester).post("/api/v2/ingest/batch", json=body)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["Retry-After"]) > 0
+    assert response.json()["accepted"] == 3 and response.json()["failed"] == 1
+    assert "3 of 4 photos acknowledged" in response.json()["error"]
