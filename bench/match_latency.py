@@ -237,7 +237,7 @@ def _publish_faces(bootstrap: str, topics: TopicSettings, faces: int) -> np.ndar
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 20})
     for i in range(faces):
-        event = PhotoEvent(event_id="BENCH", photo_id=f"p{i}", faces=[PrecomputedFace(embedding=vectors[i].tolist())])
+        event = PhotoEvent(event_id="BENCH", photo_id=f"p{i}", faces=[PrecomputedFace(embedding=vectors[i])])
         producer.produce(topics.photo_events, key=b"BENCH", value=serde.encode(PHOTO_EVENT, event.to_avro()))
         producer.poll(0)
     producer.flush(60)

@@ -75,3 +75,42 @@ def test_truncated_body_is_poison(serde: SchemaRegistry) -> None:
     data = serde.encode(PHOTO_EVENT, PhotoEvent(event_id="E", photo_id="p", image_url="u").to_avro())
     with pytest.raises(PoisonRecord):
         serde.decode(PHOTO_EVENT, data[:12])
+
+
+def _v1_writer() -> SchemaRegistry:
+    """A publisher still on the first photo-event schema: embeddings only as float arrays."""
+    writer = SchemaRegistry()
+    writer.add_reader(json.loads((SCHEMA_DIR / "history" / "photo_event.v1.avsc").read_text()))
+    return writer
+
+
+def test_embeddings_are_written_packed_and_read_back_as_the_same_float32(serde: SchemaRegistry) -> None:
+    vector = np.random.default_rng(2).normal(size=128).astype(np.float32)
+    event = PhotoEvent(event_id="E", photo_id="p", faces=[PrecomputedFace(embedding=vector.tolist())])
+    written = event.to_avro()["faces"][0]
+    assert written["embedding"] == [] and written["embedding_f32"] == vector.astype("<f4").tobytes()
+    back = PhotoEvent.from_avro(serde.decode(PHOTO_EVENT, serde.encode(PHOTO_EVENT, event.to_avro())))
+    assert back.faces is not None
+    assert np.array_equal(back.faces[0].embedding, vector)
+
+
+def test_a_float_array_from_a_v1_publisher_still_reads(serde: SchemaRegistry) -> None:
+    data = _v1_writer().encode(PHOTO_EVENT, {
+        "event_id": "E", "photo_id": "p", "op": "UPSERT", "image_url": None, "source": "old", "occurred_at": 5,
+        "faces": [{"embedding": [0.5, 0.25, 1.0], "bbox": [1.0, 2.0, 3.0, 4.0], "det_score": 0.75}]})
+    assert data[2:10] != serde.reader_prints[PHOTO_EVENT]  # really another writer schema
+    event = PhotoEvent.from_avro(serde.decode(PHOTO_EVENT, data))
+    assert event.faces == [PrecomputedFace(embedding=[0.5, 0.25, 1.0], bbox=[1.0, 2.0, 3.0, 4.0], det_score=0.75)]
+
+
+@pytest.mark.parametrize("face,message", [
+    ({"embedding": [1.0], "embedding_f32": b"\x00\x00\x80\x3f", "bbox": None, "det_score": 1.0}, "not both"),
+    ({"embedding": [], "embedding_f32": b"\x00\x00\x80", "bbox": None, "det_score": 1.0}, "multiple of 4"),
+])
+def test_a_face_with_both_or_broken_packed_embeddings_is_poison(serde: SchemaRegistry, face: dict[str, object],
+                                                                message: str) -> None:
+    data = serde.encode(PHOTO_EVENT, {"event_id": "E", "photo_id": "p", "op": "UPSERT", "image_url": None,
+                                      "faces": [face], "source": "t", "occurred_at": 1})
+    with pytest.raises(PoisonRecord) as info:
+        PhotoEvent.from_avro(serde.decode(PHOTO_EVENT, data))
+    assert info.value.reason == "invalid_embedding" and message in str(info.value)
