@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "photos": ("pipeline.assets:photos_fetch_main", "fetch the sample photos: photos fetch"),
     "eval": ("pipeline.evaluation.lfw:lfw_main", "accuracy: eval lfw --dir DIR"),
     "demo": ("pipeline.demo:main", "ingest real group photos and match a selfie"),
-    "firestore-listener": ("pipeline.producers.listener:main", "publish Firestore photo changes"),
+    "firestore-listener": ("pipeline.producers.listener:main_and_exit", "publish Firestore photo changes"),
     "bulk-ingest": ("pipeline.producers.bulk:main", "publish every photo of one or all events"),
     "photo-worker": ("pipeline.producers.poll_worker:main", "poll Firestore for new photos"),
     "keys": ("pipeline.matcher.auth:keys_main", "API keys: keys hash [KEY] (stdin if no KEY) [--role R]"),

@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline.logs import setup_logging
 from pipeline.producers.common import (
@@ -278,5 +280,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def exit_without_waiting_for_sdk_threads(status: int) -> NoReturn:
+    """Leave with `status` now: ours is closed by then (producer flushed, ledger released).
+
+    After a lost stream the Firestore SDK can leave a gRPC thread blocked ("Background thread
+    did not exit"), and the interpreter joins its threads at exit: once in a few test runs the
+    listener logged "exiting with status 3" and never ended, so no supervisor would restart it.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def main_and_exit(argv: Sequence[str] | None = None) -> NoReturn:
+    """main(), then exit_without_waiting_for_sdk_threads: the entry point of `facematch firestore-listener`."""
+    exit_without_waiting_for_sdk_threads(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main_and_exit()
