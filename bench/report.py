@@ -313,7 +313,7 @@ def section_match_latency(data: dict[str, Any]) -> list[str]:
                     continue
                 rows.append([run.get("dim"), clients, name, m.get("p50_ms"), m.get("p99_ms"), m.get("req_per_s"),
                              _x(m["p50_ms"] / floor["p50_ms"]), _x(m["p99_ms"] / floor["p99_ms"]),
-                             m.get("indexer_search_p50_ms", "")])
+                             m.get("indexer_search_p50_ms", ""), m.get("failed", "")])
             direct = level.get("http_match")
             if clients == "1" and isinstance(direct, dict) and floor:
                 ratio = direct["p50_ms"] / floor["p50_ms"]
@@ -323,7 +323,7 @@ def section_match_latency(data: dict[str, Any]) -> list[str]:
                                 f"round trip ({floor['p50_ms']:.2f} ms): {verdict}; bare FAISS search p50 "
                                 f"{faiss if faiss is None else round(faiss, 2)} ms.")
     out += table(["dim", "clients", "path", "p50 ms", "p99 ms", "req/s", "p50 / round trip",
-                  "p99 / round trip", "indexer search p50 ms"], rows)
+                  "p99 / round trip", "indexer search p50 ms", "failed (non-200)"], rows)
     return out + [f"- {v}" for v in verdicts] + ([""] if verdicts else [])
 
 
