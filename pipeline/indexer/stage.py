@@ -218,6 +218,9 @@ class IndexerStage(BaseStage):
         deadline = request.deadline_ms or received + DEFAULT_REQUEST_TTL_MS
         if deadline < now_ms():
             self.metrics.records.labels(self.name, "expired").inc()
+            logger.info("match request %s at %s[%d]@%d read %d ms after it was produced, past its deadline: "
+                        "not answered", request.request_id, item.topic, item.partition, item.offset,
+                        now_ms() - received)
             return []  # the caller has given up (HTTP 504 already sent)
         expected = partition_for(request.event_id, self.partitions)
         if expected != item.partition:

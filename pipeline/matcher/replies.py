@@ -226,14 +226,14 @@ class KafkaRequester:
         correlation = request_id.encode()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[MatchReply] = loop.create_future()
-        acked: list[bool] = []  # set by the delivery report: the broker has the request
+        acked: list[int] = []  # the request's offset, from the delivery report: the broker has it
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
                 self._note_delivery_error(err)
                 loop.call_soon_threadsafe(_set_exception, future, PublishFailed(f"broker refused: {err}"))
             else:
-                acked.append(True)
+                acked.append(msg.offset())
 
         request = MatchRequest(request_id=request_id, event_id=event_id, embedding=embedding,
                                top_k=top_k, threshold=threshold, guest_id=guest_id, model_id=model_id,
@@ -257,6 +257,9 @@ class KafkaRequester:
         except asyncio.TimeoutError as exc:
             if not acked:  # the request never reached the broker: nobody could have answered
                 raise PublishFailed(f"broker did not acknowledge the request within {timeout_s}s") from exc
+            # Logged with where the request is, so that the indexer's log of that offset can be found.
+            logger.warning("no reply within %.1fs to request %s for event %s at %s[%d]@%d", timeout_s, request_id,
+                           event_id, self.request_topic, partition, acked[0])
             raise ReplyTimeout(f"no reply for event {event_id} within {timeout_s}s") from exc
         finally:
             with self._lock:
